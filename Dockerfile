@@ -1,0 +1,54 @@
+# The raysweep image: one image for the Ray head, the GPU workers and the sweep driver
+# (see docker-compose.yml). Build: `make docker-build`.
+#
+# Base: the official Python image, pinned to a patch release and a Debian release.
+# Why not rayproject/ray:2.60.0-gpu or nvidia/cuda: the torch and torchvision wheels on
+# PyPI bundle their own CUDA runtime (the nvidia-* wheels), and Ray 2.60 is a pip
+# package, so all the image needs is the Python the project is tested on (3.11) plus
+# requirements.txt. The GPU driver comes from the host through the NVIDIA Container
+# Toolkit. A CUDA or Ray GPU base would add a second CUDA toolkit (and, for Ray's image,
+# a conda Python) that nothing here uses. Pin a digest too (`@sha256:...`) if you need
+# byte-identical rebuilds.
+FROM python:3.11.13-slim-bookworm
+
+# The nvidia runtime mounts only the driver libraries named here: CUDA compute and
+# nvidia-smi/NVML (Ray counts GPUs through NVML). Which GPUs a container sees is left to
+# its device reservation (compose) or `docker run --gpus`, never to the image.
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    RAY_USAGE_STATS_ENABLED=0
+
+# Dependencies first, from the same requirements.txt that `make install` uses (through
+# pyproject.toml), so a code edit rebuilds only the layers below this one.
+COPY requirements.txt /tmp/requirements.txt
+RUN pip install --no-cache-dir -r /tmp/requirements.txt && rm /tmp/requirements.txt
+
+# A non-root user (uid/gid 1000), and the directories the compose file mounts volumes
+# on: a named volume copies this ownership on first use, so the user can write to them.
+RUN groupadd --gid 1000 raysweep \
+    && useradd --no-log-init --create-home --uid 1000 --gid 1000 raysweep \
+    && mkdir -p /cache/raysweep /cache/huggingface /results \
+    && chown -R 1000:1000 /cache /results
+
+# The source stays root-owned (read-only for the user). PYTHONPATH rather than a pip
+# install of the project, so configs/ stays next to the package (DEFAULT_CONFIG) and Ray
+# worker processes on every node import the same code.
+WORKDIR /app
+COPY configs/ configs/
+COPY raysweep/ raysweep/
+COPY analysis/ analysis/
+
+# Caches live on volumes (see docker-compose.yml); HF_TOKEN is never baked in: pass it at
+# run time (`docker run -e HF_TOKEN`, or HF_TOKEN in the environment of `docker compose`).
+ENV PYTHONPATH=/app \
+    HF_HOME=/cache/huggingface
+
+# Numeric, so a runtime that forbids root (e.g. runAsNonRoot) can check it.
+USER 1000:1000
+
+# Alone (`docker run raysweep`), the image runs the CI-sized sweep on synthetic data on
+# its own in-process Ray; compose replaces this with the head, worker and sweep commands.
+CMD ["python", "-m", "raysweep.tune", "--config", "configs/smoke.yaml", \
+     "--storage-path", "/results", "--set", "data.cache_dir=/cache/raysweep"]

@@ -1,0 +1,86 @@
+# raysweep: `make install`, `make test`, `make demo`. Each target sets itself up.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: help install test test-docker demo bench clean
+
+help:
+	@echo "make install      create $(VENV) and install raysweep (editable) with its test extras"
+	@echo "make test         run the test suite on the CPU (installs first if needed)"
+	@echo "make demo         run a small sweep on synthetic data, then the scaling analysis"
+	@echo "make bench        data-path and training-loop benchmarks (ratios measured side by side)"
+	@echo "make test-docker  container tests through the Docker SDK (needs a Docker engine)"
+	@echo "make docker-build | docker-run ARGS=... | docker-run-cpu | docker-down | docker-logs"
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -m "not docker" $(PYTEST_ARGS)
+
+test-docker: install
+	$(BIN)/python -m pytest -m docker -v $(PYTEST_ARGS)
+
+# Each demo is a new experiment (results are never overwritten); results/demo-latest points at it.
+DEMO_NAME := demo-$(shell date +%Y%m%d-%H%M%S)
+demo: install
+	$(BIN)/python -m raysweep.tune --config configs/demo.yaml --name $(DEMO_NAME) --storage-path results
+	ln -sfn $(DEMO_NAME) results/demo-latest
+	$(BIN)/python -m analysis.plot_scaling results/$(DEMO_NAME)
+	@echo "Figures: results/$(DEMO_NAME)/analysis/scaling.png, curves.png; report: results/$(DEMO_NAME)/analysis/report.md"
+
+bench: install
+	$(BIN)/python -m raysweep.bench prepare
+	$(BIN)/python -m raysweep.bench train
+
+clean:
+	rm -rf .cache results .pytest_cache
+
+# --- containers (see README "Running on a GPU cluster") ---------------------
+DOCKER     ?= docker
+COMPOSE    ?= $(DOCKER) compose
+IMAGE      ?= raysweep:latest
+WORKERS    ?= 1
+CONFIG     ?= configs/default.yaml
+CPU_CONFIG ?= configs/demo.yaml
+ARGS       ?=
+# One Ray auth token for every container: $RAY_AUTH_TOKEN if set, else this file, created
+# once (as `ray get-auth-token --generate` does). Compose copies it into each container.
+RAY_AUTH_TOKEN_FILE ?= $(HOME)/.ray/auth_token
+WITH_TOKEN = RAY_AUTH_TOKEN="$${RAY_AUTH_TOKEN:-$$(cat $(RAY_AUTH_TOKEN_FILE))}" RAYSWEEP_IMAGE=$(IMAGE)
+
+.PHONY: docker-build docker-token docker-run docker-run-cpu docker-down docker-logs
+
+docker-build:
+	$(DOCKER) build -t $(IMAGE) .
+
+docker-token:
+	@test -n "$$RAY_AUTH_TOKEN" || test -s $(RAY_AUTH_TOKEN_FILE) || { \
+	  mkdir -p $(dir $(RAY_AUTH_TOKEN_FILE)) && umask 077 && \
+	  $(PYTHON) -c "import secrets; print(secrets.token_hex(32), end='')" > $(RAY_AUTH_TOKEN_FILE) && \
+	  echo "wrote a new Ray auth token to $(RAY_AUTH_TOKEN_FILE)"; }
+
+# Head and workers first (healthy), then the sweep; the cluster stays up for the dashboard.
+docker-run: docker-build docker-token
+	$(WITH_TOKEN) $(COMPOSE) -f docker-compose.yml up -d --wait --scale ray-worker=$(WORKERS) ray-head ray-worker
+	$(WITH_TOKEN) $(COMPOSE) -f docker-compose.yml run --rm sweep --config $(CONFIG) $(ARGS)
+
+docker-run-cpu: docker-build docker-token
+	$(WITH_TOKEN) $(COMPOSE) -f docker-compose.cpu.yml up -d --wait --scale ray-worker=$(WORKERS) ray-head ray-worker
+	$(WITH_TOKEN) $(COMPOSE) -f docker-compose.cpu.yml run --rm sweep --config $(CPU_CONFIG) $(ARGS)
+
+# Both files are the one compose project "raysweep". Volumes (results, caches) are kept:
+# `docker compose down -v` would delete them.
+docker-down:
+	RAY_AUTH_TOKEN=unused $(COMPOSE) -f docker-compose.yml down --remove-orphans
+
+docker-logs:
+	RAY_AUTH_TOKEN=unused $(COMPOSE) -f docker-compose.yml logs --follow --tail=200

@@ -1,0 +1,1 @@
+"""Analysis of raysweep experiments: tidy results, power-law fits, figures and reports."""

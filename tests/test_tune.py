@@ -1,0 +1,134 @@
+"""The sweep CLI end to end: user errors, the smoke sweep read back through Tune, kill + resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_cli
+
+PER_EPOCH = ["epoch", "lr", "train_loss", "train_top1_error", "train_top5_error", "val_loss",
+             "val_top1_error", "val_top5_error", "images_per_sec", "n_train"]
+FINAL = ["test_loss", "test_top1_error", "test_top5_error", "best_epoch", "best_val_top5_error", "learned"]
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--num-gpus", "1"], "--num-gpus 1 asked for, but this machine has 0 GPU(s)"),
+    (["--set", "train.nonsense=3"], "unknown config key 'train.nonsense'"),
+    (["--data", "./no/such/snapshot"], "--data ./no/such/snapshot: no such directory"),
+    (["--fractions", "0.5", "1.5"], "'sweep.fractions[1]' = 1.5 is outside (0, 1]"),
+])
+def test_user_errors_are_one_line_and_start_nothing(tmp_path, args, expect):
+    proc = run_cli("raysweep.tune", "--config", "configs/smoke.yaml", "--storage-path", str(tmp_path),
+                   "--quiet", *args, check=False, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert expect in lines[0] and lines[0].startswith("raysweep: error:")
+    assert "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # no experiment, no cache: nothing started
+
+
+def test_smoke_sweep_reads_back_through_tune(smoke_experiment, ray_session):
+    from ray import tune
+
+    from raysweep.tune import run_trial
+
+    analysis = tune.ExperimentAnalysis(str(smoke_experiment))
+    grid = {(t.config["fraction"], t.config["seed"]) for t in analysis.trials}
+    assert grid == {(1.0, 0), (1.0, 1), (0.5, 0), (0.5, 1)}
+    assert len(analysis.trials) == 4  # one trial per grid point
+    frames = analysis.trial_dataframes
+    for trial in analysis.trials:
+        df = frames[trial.trial_id]
+        assert list(df["epoch"]) == [1, 2]
+        for key in PER_EPOCH:
+            assert df[key].notna().all(), key
+        assert df["val_top5_error"].between(0, 1).all()
+        last = trial.last_result
+        for key in FINAL:
+            assert key in last, key
+        assert 0.0 <= last["test_top5_error"] <= last["test_top1_error"] <= 1.0
+        assert 1 <= last["best_epoch"] <= 2
+    # The same experiment through Tuner.restore(...).get_results().
+    results = tune.Tuner.restore(str(smoke_experiment), trainable=run_trial).get_results()
+    assert len(results) == 4 and not results.errors
+    n_train = {r.config["fraction"]: r.metrics["n_train"] for r in results}
+    assert n_train[1.0] == 48 and n_train[0.5] == 24  # 4 classes x 12, stratified half
+
+
+def test_summary_files(smoke_experiment):
+    import pandas as pd
+
+    summary = pd.read_csv(smoke_experiment / "summary.csv")
+    rows = json.loads((smoke_experiment / "summary.json").read_text())
+    assert len(summary) == len(rows) == 4
+    assert set(summary["status"]) == {"TERMINATED"}
+    for col in ["fraction", "seed", "n_train", "best_epoch", "learned", "val_top5_error",
+                "test_top5_error", "test_loss", "wall_time_s"]:
+        assert summary[col].notna().all(), col
+    assert (summary["wall_time_s"] > 0).all()
+    assert not list(smoke_experiment.glob(".summary*.tmp"))
+
+
+def _finished_trials(exp: Path) -> dict[str, int]:
+    """Trial dir -> number of result rows, for trials whose final report has landed."""
+    done = {}
+    for result in exp.glob("*/result.json"):
+        lines = [ln for ln in result.read_text().splitlines() if ln.strip()]
+        if any("test_top5_error" in json.loads(ln) for ln in lines):
+            done[result.parent.name] = len(lines)
+    return done
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_without_retraining_finished_trials(ray_cluster, tmp_path):
+    args = [sys.executable, "-m", "raysweep.tune", "--config", "configs/smoke.yaml", "--address", ray_cluster,
+            "--storage-path", str(tmp_path), "--name", "killed", "--quiet", "--fractions", "1", "0.5",
+            "--seeds", "0", "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    exp = tmp_path / "killed"
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while not _finished_trials(exp) and time.time() < deadline and proc.poll() is None:
+            time.sleep(1)
+        assert proc.poll() is None, "the sweep ended before it could be killed"
+        finished = _finished_trials(exp)
+        assert len(finished) == 1, finished
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    time.sleep(3)  # let the cluster notice the dead driver and free its trial's resources
+
+    run_cli("raysweep.tune", "--address", ray_cluster, "--storage-path", str(tmp_path),
+            "--name", "killed", "--resume", "--quiet")
+    after = _finished_trials(exp)
+    assert len(after) == 2  # every grid point ends with one complete trial
+    for trial_dir, rows in finished.items():
+        assert after[trial_dir] == rows  # the finished trial was not trained again
+    from ray import tune
+
+    analysis = tune.ExperimentAnalysis(str(exp))
+    assert sorted(t.config["fraction"] for t in analysis.trials) == [0.5, 1.0]
+    for trial in analysis.trials:
+        epochs = [json.loads(ln)["epoch"] for ln in (Path(trial.path) / "result.json").read_text().splitlines()
+                  if ln.strip()]
+        assert epochs == [1, 2]  # each epoch reported once, none lost or repeated
+
+
+def test_a_stopped_sweep_lists_grid_points_never_started():
+    from raysweep.tune import complete_grid
+
+    done = [{"fraction": 1.0, "seed": 0, "status": "TERMINATED"},
+            {"fraction": 0.5, "seed": 0, "status": "UNFINISHED"}]
+    rows = complete_grid(done, [1.0, 0.5], [0, 1])
+    assert [(r["fraction"], r["seed"], r["status"]) for r in rows] == [
+        (1.0, 0, "TERMINATED"), (1.0, 1, "NOT_STARTED"), (0.5, 0, "UNFINISHED"), (0.5, 1, "NOT_STARTED")]
