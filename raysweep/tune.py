@@ -227,9 +227,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _check_source(cfg: Config) -> None:
     """Refuse a local --data path that does not exist before anything starts."""
+    from raysweep.data.source import looks_like_path
+
     src = cfg.data.source
-    looks_local = src.startswith((".", "/", "~")) or os.sep in src and Path(src).parts[0] in (".", "..")
-    if looks_local and not Path(os.path.expanduser(src)).exists():
+    if src != "synthetic" and looks_like_path(src) and not Path(os.path.expanduser(src)).exists():
         raise RaysweepError(f"--data {src}: no such directory")
 
 
