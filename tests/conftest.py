@@ -98,6 +98,9 @@ def ray_cluster():
     address = f"127.0.0.1:{port}"
     before = set(_processes())
     started: set[int] = set()
+    # What names this cluster's processes: its temp dir, or its GCS port behind any host
+    # (Ray's client server names the node's own IP, not 127.0.0.1).
+    markers = (str(tmp), address, f":{port} ")
     common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0",
               "--object-store-memory=1500000000", "--disable-usage-stats"]
     try:
@@ -107,7 +110,7 @@ def ray_cluster():
         _ray("start", f"--address={address}", *common, env=env)
         # Only this cluster's new processes: other sessions on the host start processes too.
         started = {pid for pid, (_, cmd) in _processes().items()
-                   if pid not in before and (str(tmp) in cmd or address in cmd)}
+                   if pid not in before and any(m in cmd for m in markers)}
         yield address
     finally:
         try:
@@ -118,7 +121,7 @@ def ray_cluster():
         except Exception:
             pass
         # Anything new since before the start that carries our markers, plus descendants.
-        _stop_cluster(started, (str(tmp), address))
+        _stop_cluster(started, markers)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
