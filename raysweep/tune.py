@@ -230,7 +230,7 @@ def _check_source(cfg: Config) -> None:
     from raysweep.data.source import looks_like_path
 
     src = cfg.data.source
-    if src != "synthetic" and looks_like_path(src) and not Path(os.path.expanduser(src)).exists():
+    if looks_like_path(src) and not Path(os.path.expanduser(src)).exists():
         raise RaysweepError(f"--data {src}: no such directory")
 
 
