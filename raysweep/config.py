@@ -7,6 +7,7 @@ values raise `RaysweepError` naming the key (e.g. `train.epochs`).
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +28,33 @@ class DataConfig:
     cache_dir: str = "~/.cache/raysweep"
     image_size: int = 227
     on_bad_image: Literal["fail", "skip"] = "fail"
+    # Hub layouts: `{config}/{split}-*.parquet` holds one folder per config; which one to read
+    # when there are several ("" = the only one, or data/ and top-level files).
+    config: str = ""
+    # Columns; "" = found from the parquet's `huggingface` features (the Image and the
+    # ClassLabel feature), else the usual names (image/img, label/labels/fine_label).
+    image_column: str = ""
+    label_column: str = ""
+    # A dataset without a validation split gets one carved from train: stratified, seeded by
+    # val_seed, the same rows for every trial and seed, and never in any training subset.
+    val_fraction: float = 0.1
+    val_seed: int = 0
     # Only for source == "synthetic": the shape of the generated set.
     synthetic_classes: int = 10
     synthetic_train_per_class: int = 40
     synthetic_val_per_class: int = 10
     synthetic_test_per_class: int = 10
     synthetic_seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    # "alexnet" is torchvision's AlexNet; any other torchvision classification model name
+    # (e.g. "resnet18") is built from scratch by torchvision.models.get_model.
+    name: str = "alexnet"
+    # AlexNet only: multiplies its convolution channels and classifier units. 1.0 is exactly
+    # torchvision's model; 0.25 is the same architecture at about 1/16 of the cost.
+    width: float = 1.0
 
 
 @dataclass
@@ -52,6 +74,12 @@ class TrainConfig:
     step_gamma: float = 0.1
     warmup_epochs: float = 0.0  # linear warm-up from ~0 to lr
     dropout: float = 0.5
+    # Early stopping: stop after this many epochs without a new best of select_metric
+    # (0 = always train `epochs`, which is then a fixed count rather than a cap).
+    patience: int = 0
+    # The validation error that picks the tested checkpoint and drives early stopping.
+    # "auto": val_top5_error with 50 or more classes, else val_top1_error (raysweep.metrics).
+    select_metric: Literal["auto", "val_top1_error", "val_top5_error", "val_loss"] = "auto"
     # Augmentation (on the device): random-resized-crop with this minimum area, and flips.
     crop_scale_min: float = 0.35
     hflip: bool = True
@@ -69,12 +97,18 @@ class TrainConfig:
 class SweepConfig:
     fractions: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.25, 0.125, 0.0625])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    gpus_per_trial: float = 1.0
+    # "auto": pack small-fraction trials several to a GPU, give large ones a whole GPU, from
+    # the GPU's memory and each trial's data size. A number keeps its meaning: 1, 2, ... GPUs
+    # (one worker each), or a share below 1 for every trial.
+    gpus_per_trial: float | Literal["auto"] = "auto"
     cpus_per_trial: int = 1
     max_failures: int = 2
     storage_path: str = "./results"
-    # Checkpoints kept per trial besides the best one (by val_top5_error).
+    # Checkpoints kept per trial besides the best one (by the select metric).
     keep_checkpoints: int = 1
+    # Write a checkpoint every this many epochs (and always after the last one). 0 = auto:
+    # as often as keeps checkpointing under ~2% of the trial's time.
+    checkpoint_every: int = 0
 
 
 @dataclass
@@ -83,6 +117,7 @@ class Config:
     # One line shown in the README table and the report, e.g. why a demo uses AdamW.
     description: str = ""
     data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
@@ -97,6 +132,8 @@ class Config:
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is Literal:
         return " or ".join(repr(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is list:
@@ -106,6 +143,13 @@ def _type_name(tp: Any) -> str:
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except RaysweepError:
+                continue
+        raise RaysweepError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         if value not in typing.get_args(tp):
             raise RaysweepError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
@@ -190,6 +234,8 @@ def validate(cfg: Config) -> None:
         "train.warmup_epochs": cfg.train.warmup_epochs,
         "train.num_threads": cfg.train.num_threads,
         "train.fail_at_epoch": cfg.train.fail_at_epoch,
+        "train.patience": cfg.train.patience,
+        "sweep.checkpoint_every": cfg.sweep.checkpoint_every,
         "sweep.max_failures": cfg.sweep.max_failures,
         "sweep.keep_checkpoints": cfg.sweep.keep_checkpoints,
     }
@@ -202,11 +248,20 @@ def validate(cfg: Config) -> None:
         raise RaysweepError(f"config key 'train.dropout' must be in [0, 1), got {cfg.train.dropout}")
     if not 0.0 < cfg.train.crop_scale_min <= 1.0:
         raise RaysweepError(f"config key 'train.crop_scale_min' must be in (0, 1], got {cfg.train.crop_scale_min}")
-    if cfg.sweep.gpus_per_trial < 0:
-        raise RaysweepError(f"config key 'sweep.gpus_per_trial' must be >= 0, got {cfg.sweep.gpus_per_trial}")
     g = cfg.sweep.gpus_per_trial
-    if g > 1 and g != int(g):
-        raise RaysweepError(f"config key 'sweep.gpus_per_trial' above 1 must be a whole number, got {g}")
+    if g != "auto":
+        if g < 0:
+            raise RaysweepError(f"config key 'sweep.gpus_per_trial' must be 'auto' or >= 0, got {g}")
+        if g > 1 and g != int(g):
+            raise RaysweepError(f"config key 'sweep.gpus_per_trial' above 1 must be a whole number, got {g}")
+    if not 0.0 < cfg.data.val_fraction < 1.0:
+        raise RaysweepError(f"config key 'data.val_fraction' must be in (0, 1), got {cfg.data.val_fraction}")
+    if not cfg.model.name.strip():
+        raise RaysweepError("config key 'model.name' is empty: give a torchvision model name, e.g. alexnet")
+    if not 0.0 < cfg.model.width <= 4.0:
+        raise RaysweepError(f"config key 'model.width' must be in (0, 4], got {cfg.model.width}")
+    if cfg.model.width != 1.0 and cfg.model.name != "alexnet":
+        raise RaysweepError(f"config key 'model.width' applies to alexnet only; model.name is {cfg.model.name!r}")
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

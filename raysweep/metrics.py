@@ -105,3 +105,20 @@ def clearly_below_chance(error: float, num_classes: int, n_eval: int, k: int = 5
     chance = chance_top_k_error(num_classes, k)
     sigma = math.sqrt(chance * (1.0 - chance) / max(n_eval, 1))
     return error < chance - max(min_margin, n_sigma * sigma)
+
+
+# With fewer classes than this, top-5 error says little (10 classes: chance is 50% and a
+# trained model sits near 0), so the error that counts is top-1.
+TOP5_MIN_CLASSES = 50
+
+
+def primary_k(num_classes: int) -> int:
+    """The k of the top-k error that measures a model on `num_classes` classes: 5 when
+    guessing would still miss at least 90% of the time with five guesses (>= 50 classes),
+    else 1. The trial's checkpoint choice, early stopping and the analysis's fit all use it."""
+    return 5 if num_classes >= TOP5_MIN_CLASSES else 1
+
+
+def select_metric(setting: str, num_classes: int) -> str:
+    """`train.select_metric` resolved: "auto" -> val_top{primary_k}_error."""
+    return f"val_top{primary_k(num_classes)}_error" if setting == "auto" else setting
