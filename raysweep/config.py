@@ -69,13 +69,17 @@ class TrainConfig:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    schedule: Literal["step", "cosine", "constant"] = "step"
+    # "plateau" is AlexNet's own rule: multiply lr by step_gamma when the select metric has not
+    # improved for `patience` epochs; after `plateau_drops` such drops the next plateau ends it.
+    schedule: Literal["step", "cosine", "constant", "plateau"] = "step"
     step_epochs: int = 30  # "step": multiply lr by step_gamma every step_epochs epochs
     step_gamma: float = 0.1
+    plateau_drops: int = 2
     warmup_epochs: float = 0.0  # linear warm-up from ~0 to lr
     dropout: float = 0.5
-    # Early stopping: stop after this many epochs without a new best of select_metric
-    # (0 = always train `epochs`, which is then a fixed count rather than a cap).
+    # Early stopping: stop after this many epochs without a new best of select_metric, which
+    # must also hold as many optimizer steps as this many passes over the whole training split
+    # (a small subset's epoch is a few steps). 0 = always train `epochs` (then a count, not a cap).
     patience: int = 0
     # The validation error that picks the tested checkpoint and drives early stopping.
     # "auto": val_top5_error with 50 or more classes, else val_top1_error (raysweep.metrics).
@@ -235,6 +239,7 @@ def validate(cfg: Config) -> None:
         "train.num_threads": cfg.train.num_threads,
         "train.fail_at_epoch": cfg.train.fail_at_epoch,
         "train.patience": cfg.train.patience,
+        "train.plateau_drops": cfg.train.plateau_drops,
         "sweep.checkpoint_every": cfg.sweep.checkpoint_every,
         "sweep.max_failures": cfg.sweep.max_failures,
         "sweep.keep_checkpoints": cfg.sweep.keep_checkpoints,
@@ -242,6 +247,9 @@ def validate(cfg: Config) -> None:
     for key, value in nonneg.items():
         if value < 0:
             raise RaysweepError(f"config key '{key}' must be >= 0, got {value}")
+    if cfg.train.schedule == "plateau" and cfg.train.patience < 1:
+        raise RaysweepError("config key 'train.patience' must be >= 1 with train.schedule=plateau "
+                            "(the epochs without improvement that count as a plateau)")
     if cfg.train.lr == 0:
         raise RaysweepError("config key 'train.lr' must be > 0")
     if not 0.0 <= cfg.train.dropout < 1.0:

@@ -22,6 +22,15 @@ def interactive(stream: TextIO | None = None) -> bool:
         return False
 
 
+def quiet_ray_logs() -> None:
+    """Keep Ray's driver-side logs to real problems: no token-auth notice at every start, no
+    Ray Data INFO blocks. Call before `ray.init`; `--verbose` CLIs skip it."""
+    import logging
+
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
 def format_duration(seconds: float | None) -> str:
     """`75` -> `1:15`, `3725` -> `1:02:05`; None or a negative/inf value -> `?`."""
     if seconds is None or not seconds >= 0 or seconds == float("inf"):
@@ -41,7 +50,7 @@ class Progress:
     """
 
     def __init__(self, total: float, desc: str, unit: str = "it", *, stream: TextIO | None = None,
-                 every_s: float = 10.0, enabled: bool = True, force_plain: bool = False):
+                 every_s: float = 10.0, enabled: bool = True, force_plain: bool = False, own_eta: bool = True):
         self.total, self.desc, self.unit = total, desc, unit
         self.stream = stream or sys.stderr
         self.enabled = enabled
@@ -51,12 +60,13 @@ class Progress:
         self._last_line = self.start
         self._bar = None
         self._postfix = ""
+        self.own_eta = own_eta  # False: the caller puts a better ETA in the postfix
         if enabled and not force_plain and interactive(self.stream):
             from tqdm import tqdm
 
+            timing = "[{elapsed}<{remaining}, {rate_fmt}]" if own_eta else "[{elapsed}]"
             self._bar = tqdm(total=total, desc=desc, unit=f" {unit}", file=self.stream, dynamic_ncols=True,
-                             smoothing=0.1, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt}{unit} "
-                                                       "[{elapsed}<{remaining}, {rate_fmt}]{postfix}")
+                             smoothing=0.1, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt}{unit} " + timing + "{postfix}")
 
     @property
     def elapsed(self) -> float:
@@ -95,8 +105,9 @@ class Progress:
         pct = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
         rate = self.done / self.elapsed if self.elapsed > 0 else 0.0
         extra = f", {self._postfix}" if self._postfix else ""
+        eta = f", ETA {format_duration(self.eta())}" if self.own_eta else ""
         return (f"{self.desc}: {self.done:,.0f}/{self.total:,.0f} {self.unit}{pct}, {rate:,.1f} {self.unit}/s, "
-                f"elapsed {format_duration(self.elapsed)}, ETA {format_duration(self.eta())}{extra}")
+                f"elapsed {format_duration(self.elapsed)}{eta}{extra}")
 
     def write(self, line: str) -> None:
         """Print a line of its own (above the bar on a terminal)."""

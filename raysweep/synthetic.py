@@ -140,18 +140,21 @@ def synthetic_rows(labels: np.ndarray, classes: int, names: list[str], seed: int
         yield data, f"{names[label]}_{row:05d}.{ext}", int(label)
 
 
-def hub_schema(names: list[str]) -> pa.Schema:
-    """The schema of timm/mini-imagenet's parquet files, ClassLabel names included."""
-    features = {"image": {"_type": "Image"}, "label": {"names": list(names), "_type": "ClassLabel"}}
+def hub_schema(names: list[str], image_column: str = "image", label_column: str = "label") -> pa.Schema:
+    """The hub's parquet schema for an image-classification set, ClassLabel names included.
+
+    The defaults are timm/mini-imagenet's columns; uoft-cs/cifar10 names its image column `img`.
+    """
+    features = {image_column: {"_type": "Image"}, label_column: {"names": list(names), "_type": "ClassLabel"}}
     return pa.schema(
-        [("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])), ("label", pa.int64())],
+        [(image_column, pa.struct([("bytes", pa.binary()), ("path", pa.string())])), (label_column, pa.int64())],
         metadata={b"huggingface": json.dumps({"info": {"features": features}}).encode()},
     )
 
 
-def write_split(path: Path, rows, names: list[str]) -> int:
+def write_split(path: Path, rows, names: list[str], image_column: str = "image", label_column: str = "label") -> int:
     """Write (bytes, path, label) rows to one hub-schema parquet file, streaming by row group."""
-    schema = hub_schema(names)
+    schema = hub_schema(names, image_column, label_column)
     n = 0
     tmp = path.with_name(path.name + ".tmp")
     with pq.ParquetWriter(tmp, schema) as writer:
@@ -171,37 +174,53 @@ def write_split(path: Path, rows, names: list[str]) -> int:
 
 
 def write_synthetic(out_dir, classes: int = 10, train_per_class: int = 40, val_per_class: int = 10,
-                    test_per_class: int = 10, seed: int = 0) -> Path:
-    """Write OUT_DIR/data/{train,validation,test}-00000-of-00001.parquet; returns OUT_DIR."""
+                    test_per_class: int = 10, seed: int = 0, *, folder: str = "data",
+                    image_column: str = "image", label_column: str = "label",
+                    size: tuple[int, int] | None = None) -> Path:
+    """Write OUT_DIR/FOLDER/{train,validation,test}-00000-of-00001.parquet; returns OUT_DIR.
+
+    FOLDER is the hub's config folder ("data", "plain_text", or "" for the top level);
+    val_per_class=0 writes no validation split (as uoft-cs/cifar10 has none); `size` fixes
+    every image's (w, h) and its form to RGB JPEG (small, fast fixtures).
+    """
     for key, value in {"classes": classes, "train_per_class": train_per_class,
-                       "val_per_class": val_per_class, "test_per_class": test_per_class}.items():
+                       "test_per_class": test_per_class}.items():
         if value < 1:
             raise RaysweepError(f"synthetic: {key} must be >= 1, got {value}")
+    if val_per_class < 0:
+        raise RaysweepError(f"synthetic: val_per_class must be >= 0, got {val_per_class}")
     out = Path(out_dir).expanduser()
-    (out / "data").mkdir(parents=True, exist_ok=True)
+    where = out / folder if folder else out
+    where.mkdir(parents=True, exist_ok=True)
     names = class_names(classes, seed)
     per_class = {"train": train_per_class, "validation": val_per_class, "test": test_per_class}
     for i, (split, n) in enumerate(per_class.items()):
+        if n == 0:
+            continue
         split_seed = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
         # Rows are shuffled, as on the hub, so nothing downstream may rely on class order.
         labels = np.random.default_rng(split_seed).permutation(np.repeat(np.arange(classes), n))
-        rows = synthetic_rows(labels, classes, names, split_seed)
-        write_split(out / "data" / f"{split}-00000-of-00001.parquet", rows, names)
+        rows = synthetic_rows(labels, classes, names, split_seed, size=size, forms=size is None)
+        write_split(where / f"{split}-00000-of-00001.parquet", rows, names, image_column, label_column)
     return out
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m raysweep.synthetic", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m raysweep.synthetic", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("out_dir", metavar="OUT_DIR")
-    p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--train-per-class", type=int, default=40)
-    p.add_argument("--val-per-class", type=int, default=10)
-    p.add_argument("--test-per-class", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--classes", type=int, default=10, help="number of classes")
+    p.add_argument("--train-per-class", type=int, default=40, help="training images per class")
+    p.add_argument("--val-per-class", type=int, default=10, help="0 writes no validation split")
+    p.add_argument("--test-per-class", type=int, default=10, help="test images per class")
+    p.add_argument("--seed", type=int, default=0, help="seed of the classes and images")
+    p.add_argument("--folder", default="data", help="config folder of the files ('' = the top level)")
+    p.add_argument("--image-column", default="image", help="name of the image column")
     a = p.parse_args(argv)
-    out = write_synthetic(a.out_dir, a.classes, a.train_per_class, a.val_per_class, a.test_per_class, a.seed)
-    for f in sorted((out / "data").glob("*.parquet")):
+    out = write_synthetic(a.out_dir, a.classes, a.train_per_class, a.val_per_class, a.test_per_class, a.seed,
+                          folder=a.folder, image_column=a.image_column)
+    for f in sorted((out / a.folder).glob("*.parquet")):
         print(f"{f}  {pq.ParquetFile(f).metadata.num_rows} rows")
     return 0
 

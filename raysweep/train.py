@@ -1,288 +1,57 @@
 """One trial: the `TorchTrainer` worker loop (`train_loop_per_worker`) and `build_trainer()`.
 
-The trial's images are read once from the prepared cache (Ray Data) into uint8 tensors on
-the training device; batches are gathered, augmented and normalised there as batched tensor
-ops, so the accelerator never waits on per-sample Python code.
+Each epoch trains, evaluates, decides on early stopping and on a checkpoint, and reports once
+with where its time went. Checkpoints are written straight into the Train run directory (no
+staging copy) and carry the metrics of every epoch so far: a restarted worker replays them,
+so Tune's files end up with every epoch exactly once (raysweep/trial_logs.py drops repeats).
 """
 
 from __future__ import annotations
 
-import copy
+import json
 import logging
 import math
 import os
 import tempfile
 import time
-import warnings
-from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-from raysweep.config import Config, TrainConfig
+from raysweep.config import Config, ModelConfig, TrainConfig
+from raysweep.device_data import StreamSplit, load_split
 from raysweep.errors import RaysweepError
-from raysweep.metrics import Meter, clearly_below_chance, top_k_wrong
-from raysweep.model import build_model
+from raysweep.metrics import clearly_below_chance, primary_k, select_metric
+from raysweep.model import describe
+from raysweep.runner import BestWeights, Runner, epochs_for_budget
 
 if TYPE_CHECKING:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-BEST_METRIC = "val_top5_error"
-STATE_FILE = "state.pt"  # model, optimizer, scheduler, epoch, best-so-far, RNG states
-BEST_FILE = "best_model.pt"  # weights of the best epoch so far; absent when that is this epoch
-SHM_STAGING_MIN_FREE = 6 * 1024**3  # stage checkpoints in RAM only with room to spare
-# Device memory kept free beside a device-resident split: weights, grads, momentum, activations.
-DEVICE_HEADROOM = 4 * 1024**3
+STATE_FILE = "state.pt"  # model, optimizer, scheduler, RNG states, epoch, best-so-far
+BEST_FILE = "best_model.pt"  # the best-validation weights (the final checkpoint holds only these)
+HISTORY_FILE = "history.json"  # every reported epoch so far, replayed after a restart
+LEDGER_FILE = "ledger.json"  # in the run directory: wall time of the last report, and whose it was
+CHECKPOINT_SHARE = 0.02  # automatic cadence: checkpoints take at most this share of the time
+# Sustained write speed assumed before a checkpoint has been timed (a cautious local disk).
+ASSUMED_WRITE_BYTES_S = 500e6
+# Host memory a CPU trial may fill with its data: the rest streams.
+HOST_DATA_SHARE = 0.5
 
 
 class InjectedFailure(RuntimeError):
     """Raised by `train.fail_at_epoch` to exercise resume."""
 
 
-# --- data on the device ------------------------------------------------------------------
+def checkpoint_config(keep: int = 1) -> "ray.train.CheckpointConfig":
+    """Keep the `keep` latest checkpoints. Each one carries the best weights so far, so the
+    latest alone serves both resume and the best-validation test."""
+    from ray.train import CheckpointConfig
 
-class DeviceSplit:
-    """A split held on the device: uint8 NHWC images and int64 labels, in cache order."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
-        self.images, self.labels = images, labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def batches(self, batch_size: int, order: torch.Generator | None = None) -> Iterator[tuple]:
-        n = len(self)
-        # One small host-to-device copy per epoch; the order generator stays on the CPU.
-        perm = torch.randperm(n, generator=order).to(self.images.device) if order is not None else None
-        for start in range(0, n, batch_size):  # no drop_last: the short batch counts by its size
-            if perm is None:
-                yield self.images[start:start + batch_size], self.labels[start:start + batch_size]
-            else:
-                sel = perm[start:start + batch_size]
-                yield self.images[sel], self.labels[sel]
-
-
-class StreamSplit:
-    """Fallback for a split that does not fit on the device: stream it with deep prefetch."""
-
-    def __init__(self, source, n: int, device: torch.device, prefetch: int = 16):
-        self.source, self.n, self.device, self.prefetch = source, n, device, prefetch
-
-    def __len__(self) -> int:
-        return self.n
-
-    def batches(self, batch_size: int, order: torch.Generator | None = None) -> Iterator[tuple]:
-        shuffle = {}
-        if order is not None:  # the seed comes from the trial's order generator: reproducible
-            shuffle = {"local_shuffle_buffer_size": 16 * batch_size,
-                       "local_shuffle_seed": int(torch.randint(2**31 - 1, (1,), generator=order))}
-        for b in self.source.iter_torch_batches(
-                batch_size=batch_size, device=self.device, prefetch_batches=self.prefetch,
-                dtypes={"image": torch.uint8, "label": torch.int64},
-                pin_memory=self.device.type == "cuda", **shuffle):
-            yield b["image"], b["label"]
-
-
-def fits_on_device(nbytes: int, device: torch.device) -> bool:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return nbytes + DEVICE_HEADROOM < free
-    import psutil  # a Ray dependency
-
-    return nbytes < 0.5 * psutil.virtual_memory().available
-
-
-def load_split(source, n: int, device: torch.device, chunk: int = 256) -> DeviceSplit:
-    """Copy a Ray Data split (Dataset or DataIterator, <= n rows) into device tensors, in order.
-
-    The tensors are allocated once at full size, so loading never needs twice the memory.
-    """
-    images = labels = None
-    filled = 0
-    for batch in source.iter_batches(batch_size=chunk, batch_format="numpy", prefetch_batches=4):
-        with warnings.catch_warnings():  # Ray's arrays are read-only; they are only copied from
-            warnings.simplefilter("ignore", UserWarning)
-            x = torch.from_numpy(np.ascontiguousarray(batch["image"], dtype=np.uint8))
-            y = torch.from_numpy(np.asarray(batch["label"], dtype=np.int64))
-        if images is None:
-            images = torch.empty((n, *x.shape[1:]), dtype=torch.uint8, device=device)
-            labels = torch.empty(n, dtype=torch.int64, device=device)
-        if filled + len(x) > n:
-            raise RuntimeError(f"split has more than the {n} rows announced")
-        images[filled:filled + len(x)].copy_(x)
-        labels[filled:filled + len(x)].copy_(y)
-        filled += len(x)
-    if not filled:
-        raise RaysweepError("a data split is empty: nothing to train or evaluate on")
-    return DeviceSplit(images[:filled], labels[:filled])
-
-
-# --- augmentation, schedule, one trial's state ------------------------------------------
-
-def augment(x: torch.Tensor, gen: torch.Generator, scale_min: float, hflip: bool) -> torch.Tensor:
-    """Random-resized-crop (area in [scale_min, 1], aspect in [3/4, 4/3]) + flip, as one batched
-    bilinear resample; uint8 NHWC in, float NCHW (0..255) out, same size."""
-    n, h, w, _ = x.shape
-    dev = x.device
-    u = torch.rand((n, 5), generator=gen, device=dev)  # fixed draws per image: reproducible
-    area = scale_min + (1.0 - scale_min) * u[:, 0]
-    ratio = torch.exp(math.log(3 / 4) + math.log(16 / 9) * u[:, 1])
-    sw, sh = (area * ratio).sqrt().clamp(max=1.0), (area / ratio).sqrt().clamp(max=1.0)
-    cx, cy = (2 * u[:, 2] - 1) * (1 - sw), (2 * u[:, 3] - 1) * (1 - sh)
-    if hflip:
-        sw = sw * torch.where(u[:, 4] < 0.5, -1.0, 1.0)
-    # The crop is axis-aligned, so the sampling grid is separable: build it by broadcasting
-    # (affine_grid's batched matmul costs as much as the resample itself on a CPU).
-    base_x = torch.linspace(-1 + 1 / w, 1 - 1 / w, w, device=dev)  # pixel centres, align_corners=False
-    base_y = torch.linspace(-1 + 1 / h, 1 - 1 / h, h, device=dev)
-    gx = (sw[:, None] * base_x + cx[:, None])[:, None, :].expand(n, h, w)
-    gy = (sh[:, None] * base_y + cy[:, None])[:, :, None].expand(n, h, w)
-    grid = torch.stack((gx, gy), dim=-1)
-    return F.grid_sample(x.permute(0, 3, 1, 2).float(), grid, mode="bilinear",
-                         padding_mode="border", align_corners=False)
-
-
-def lr_factor(tc: TrainConfig, total_steps: int) -> Callable[[int], float]:
-    """The lr multiplier at optimizer step `step`, defined on training progress so that both
-    budgets work: progress is counted in reference epochs (`tc.epochs` over the whole run)."""
-    def factor(step: int) -> float:
-        e = step * tc.epochs / total_steps
-        if tc.schedule == "step":
-            f = tc.step_gamma ** math.floor(e / tc.step_epochs)
-        elif tc.schedule == "cosine":
-            f = 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
-        else:
-            f = 1.0
-        if tc.warmup_epochs > 0 and e < tc.warmup_epochs:
-            f *= min(1.0, (step + 1) * tc.epochs / total_steps / tc.warmup_epochs)
-        return f
-    return factor
-
-
-def epochs_for_budget(tc: TrainConfig, n_train: int, n_full: int) -> int:
-    """"epochs": tc.epochs. "steps": the optimizer steps of tc.epochs passes over the full
-    split, in whole epochs of this subset (rounded), so a smaller subset gets more epochs."""
-    if tc.budget == "epochs":
-        return tc.epochs
-    steps = tc.epochs * math.ceil(n_full / tc.batch_size)
-    return max(1, round(steps / math.ceil(n_train / tc.batch_size)))
-
-
-class Runner:
-    """Model, optimizer, schedule and RNGs of one trial, with its train and eval passes. No Ray."""
-
-    def __init__(self, tc: TrainConfig, num_classes: int, seed: int, device: torch.device,
-                 total_steps: int, rank: int = 0, wrap: Callable | None = None):
-        self.tc, self.device = tc, device
-        cuda = device.type == "cuda"
-        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda and tc.bf16 else nullcontext
-        self.memory_format = torch.channels_last if cuda and tc.channels_last else torch.contiguous_format
-        torch.manual_seed(seed)  # weight init and dropout
-        if cuda:
-            torch.cuda.manual_seed(seed + rank)
-        self.model = build_model(num_classes, tc.dropout).to(device, memory_format=self.memory_format)
-        self.net = wrap(self.model) if wrap else self.model
-        if cuda and tc.compile:
-            self.net = torch.compile(self.net)
-        params, fused = self.model.parameters(), cuda or None
-        if tc.optimizer == "sgd":
-            self.opt = torch.optim.SGD(params, lr=tc.lr, momentum=tc.momentum,
-                                       weight_decay=tc.weight_decay, fused=fused)
-        else:
-            self.opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=fused)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_factor(tc, total_steps))
-        # Batch order (CPU) and augmentation (device) get their own streams, seeded from the trial.
-        self.order = torch.Generator().manual_seed(seed * 1_000_003 + 17 + rank)
-        self.aug = torch.Generator(device=device).manual_seed(seed * 1_000_003 + 29 + rank)
-        scale = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
-        self._mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
-        self._inv_std = 1.0 / scale
-
-    def inputs(self, x: torch.Tensor, train: bool) -> torch.Tensor:
-        """uint8 NHWC batch -> normalised float NCHW in the model's memory format."""
-        if train:
-            x = augment(x, self.aug, self.tc.crop_scale_min, self.tc.hflip)
-        else:
-            x = x.permute(0, 3, 1, 2).float()
-        x = x.contiguous(memory_format=self.memory_format)
-        return x.sub_(self._mean).mul_(self._inv_std)
-
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with self.autocast():
-            logits = self.net(x)
-            loss = F.cross_entropy(logits, y)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        return loss.detach(), logits.detach()
-
-    def train_epoch(self, split, max_steps: int | None = None, reduce: bool = False) -> dict[str, float]:
-        self.net.train()
-        meter, lr = Meter(), self.opt.param_groups[0]["lr"]
-        t0 = time.perf_counter()
-        for i, (xb, yb) in enumerate(split.batches(self.tc.batch_size, order=self.order)):
-            if max_steps is not None and i >= max_steps:
-                break
-            lr = self.opt.param_groups[0]["lr"]
-            loss, logits = self.step(self.inputs(xb, train=True), yb)
-            self.sched.step()
-            meter.update(len(yb), loss=loss)
-            meter.add_counts(len(yb), top1=top_k_wrong(logits, yb, 1), top5=top_k_wrong(logits, yb, 5))
-        m = meter.compute()  # reads the device sums back: the epoch's one sync
-        elapsed = time.perf_counter() - t0
-        if reduce:
-            meter.all_reduce()
-            m = meter.compute()
-        return {"lr": lr, "train_loss": m["loss"], "train_top1_error": m["top1"],
-                "train_top5_error": m["top5"], "images_per_sec": meter.samples / elapsed}
-
-    @torch.no_grad()
-    def evaluate(self, split) -> dict[str, float]:
-        """Deterministic: the stored 227 crop, normalised; every row counts (no drop, no pad)."""
-        self.net.eval()
-        meter = Meter()
-        for xb, yb in split.batches(self.tc.eval_batch_size):
-            with self.autocast():
-                logits = self.model(self.inputs(xb, train=False))
-            logits = logits.float()
-            meter.update(len(yb), loss=F.cross_entropy(logits, yb))
-            meter.add_counts(len(yb), top1=top_k_wrong(logits, yb, 1), top5=top_k_wrong(logits, yb, 5))
-        m = meter.compute()
-        return {"loss": m["loss"], "top1_error": m["top1"], "top5_error": m["top5"]}
-
-    def state_dict(self) -> dict[str, Any]:
-        cuda = self.device.type == "cuda"
-        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
-                "scheduler": self.sched.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "order": self.order.get_state(),
-                        "aug": self.aug.get_state(),
-                        "cuda": torch.cuda.get_rng_state(self.device) if cuda else None}}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        self.order.set_state(rng["order"])
-        self.aug.set_state(rng["aug"])
-        if rng["cuda"] is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
-
-
-# --- checkpoints -------------------------------------------------------------------------
-
-def _best_key(m: dict[str, float]) -> tuple[float, ...]:
-    # val_top5_error decides; ties (common on small sets, certain with <= 5 classes) go to
-    # top-1, then loss. A NaN (diverged) epoch is never the best.
-    return tuple(math.inf if math.isnan(v) else v for v in (m[BEST_METRIC], m["val_top1_error"], m["val_loss"]))
+    return CheckpointConfig(num_to_keep=max(1, int(keep)))
 
 
 def load_best_weights(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
@@ -293,16 +62,25 @@ def load_best_weights(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
     return torch.load(d / STATE_FILE, map_location="cpu", weights_only=True)["model"]
 
 
-def checkpoint_config(keep: int = 1) -> "ray.train.CheckpointConfig":
-    """Ray Train keeps the `keep` (>= 1) best checkpoints by val_top5_error and, always, the
-    latest one (its manager never deletes the newest), which is the one resume reads."""
-    from ray.train import CheckpointConfig
-
-    return CheckpointConfig(num_to_keep=max(1, int(keep)), checkpoint_score_attribute=BEST_METRIC,
-                            checkpoint_score_order="min")
+def _rank_key(m: dict[str, float], metric: str) -> tuple[float, ...]:
+    # The select metric decides; ties (common on small sets) go to top-1, then loss. A NaN
+    # (diverged) epoch is never the best.
+    return tuple(math.inf if math.isnan(v) else v for v in (m[metric], m["val_top1_error"], m["val_loss"]))
 
 
-# --- the worker loop ---------------------------------------------------------------------
+def _write_ledger(run_dir: Path, row: dict) -> None:
+    """Atomically replace the small ledger file (no fsync: it only needs to survive a process)."""
+    tmp = run_dir / f".{LEDGER_FILE}.{os.getpid()}"
+    tmp.write_text(json.dumps(row))
+    os.replace(tmp, run_dir / LEDGER_FILE)
+
+
+def _read_ledger(run_dir: Path) -> dict | None:
+    try:
+        return json.loads((run_dir / LEDGER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
 
 def _cpu_threads(tc: TrainConfig) -> int:
     # Ray sets OMP_NUM_THREADS=1 in workers; use what the trial was given instead.
@@ -314,31 +92,55 @@ def _cpu_threads(tc: TrainConfig) -> int:
     return max(1, int(cpus))
 
 
-def _staging_dir() -> str | None:
-    """Where a checkpoint is written before Ray Train copies it to storage.
+def _load_data(config: dict, rank: int, world: int, device: torch.device, batch_size: int,
+               eval_batch_size: int) -> dict:
+    """This worker's splits, read through Ray Data on its own node (where the cache preflight
+    checked the cache is): its shard of the subset, whole validation and test. Held on the
+    device while they fit its memory budget (train first), streamed otherwise."""
+    from raysweep.data import stratified_subset
+    from raysweep.gpu import agree_on_residency, bytes_by_split, plan_device_residency
 
-    AlexNet's state with optimizer moments is ~0.7-1 GB; staging it in RAM (/dev/shm) rather
-    than on disk saves a disk write per epoch (measured here: 2.6 s -> 0.6 s an epoch).
-    """
-    try:
-        st = os.statvfs("/dev/shm")
-        if st.f_bavail * st.f_frsize > SHM_STAGING_MIN_FREE:
-            return "/dev/shm"
-    except OSError:
-        pass
-    return None
+    prepared = config["prepared"]
+    subset = stratified_subset(prepared.labels("train"), config["fraction"], config["seed"])
+    # Equal shards, so every DDP rank takes the same number of steps (at most world-1 rows unused).
+    indices = {"train": subset[rank::world][:len(subset) // world], "validation": None, "test": None}
+    rows = {"train": len(indices["train"]), "validation": config["n_val"], "test": config["n_test"]}
+    size = config["image_size"]
+    if device.type == "cuda":
+        resident = plan_device_residency(rows, size, device, config.get("gpu_share") or 1.0,
+                                         reserve=config["reserve_bytes"], batch_size=batch_size,
+                                         eval_batch_size=eval_batch_size)
+    else:
+        import psutil  # a Ray dependency
+
+        room, resident = HOST_DATA_SHARE * psutil.virtual_memory().available, {}
+        for name, need in bytes_by_split(rows, size).items():
+            resident[name] = need <= room
+            room -= need if resident[name] else 0
+        resident = agree_on_residency(resident)
+    splits = {}
+    for name, n in rows.items():
+        ds = prepared.dataset(name, indices=indices[name])
+        splits[name] = load_split(ds, n, device) if resident[name] else StreamSplit(ds, n, device)
+    return splits
 
 
 def train_loop_per_worker(config: dict) -> None:
+    t_enter = time.time()
     import ray.train
     import ray.train.torch
+    from ray.train import CheckpointUploadMode
 
-    # Ray Train logs every checkpoint at INFO; the sweep's progress table is the one display.
+    # Ray Train logs every checkpoint at INFO; the sweep's display is the one progress view.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
-    tc = TrainConfig(**config["train"])
+    tc, mc = TrainConfig(**config["train"]), ModelConfig(**config["model"])
     seed, num_classes = int(config["seed"]), int(config["num_classes"])
+    metric = config["select_metric"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    storage = ctx.get_storage()
+    run_dir = Path(storage.experiment_fs_path)
+    in_place = storage.storage_filesystem.type_name == "local"  # else: write locally, Ray uploads
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -346,91 +148,188 @@ def train_loop_per_worker(config: dict) -> None:
     else:
         torch.set_num_threads(_cpu_threads(tc))
 
-    # Load once. Train first: it matters most for speed; val/test are whole on every worker.
-    n_shard = config["n_train"] if world == 1 else config["n_train"] // world
-    sizes = {"train": n_shard, "validation": config["n_val"], "test": config["n_test"]}
-    on_device = fits_on_device(sum(sizes.values()) * config["image_size"] ** 2 * 3, device)
-    splits = {}
-    for name, n in sizes.items():
-        shard = ray.train.get_dataset_shard(name)
-        splits[name] = load_split(shard, n, device) if on_device else StreamSplit(shard, n, device)
+    # Wall time sums over attempts: a retry inside this Tune run starts where the last report
+    # of the previous attempt left off; a new Tune run (resume) counts its start-up too.
+    ledger = _read_ledger(run_dir) if rank == 0 else None
+    same_run = bool(ledger) and ledger.get("token") == config["token"]
+    wall_base = float(ledger["wall_time_s"]) if ledger else 0.0
+    attempt_start = t_enter if same_run else float(config["trial_start"])
 
-    num_epochs = epochs_for_budget(tc, n_shard, max(n_shard, config["n_full"] // world))
+    t_data = time.time()
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the sweep's display is the one view
+    splits = _load_data(config, rank, world, device, tc.batch_size, tc.eval_batch_size)
+    time_data_load_s = time.time() - t_data
+    n_shard = len(splits["train"])
+    max_epochs = epochs_for_budget(tc, n_shard, max(n_shard, config["n_full"] // world))
     wrap = (lambda m: ray.train.torch.prepare_model(m, move_to_device=False)) if world > 1 else None
-    runner = Runner(tc, num_classes, seed, device, num_epochs * math.ceil(n_shard / tc.batch_size), rank, wrap)
+    runner = Runner(tc, num_classes, seed, device, max_epochs * math.ceil(n_shard / tc.batch_size), rank,
+                    wrap, model=(mc.name, mc.width), precision=config.get("precision"))
+    best_weights = BestWeights(runner.model)
+    num_params = sum(p.numel() for p in runner.model.parameters())
 
-    start, best_epoch, best, best_weights = 1, 0, None, None
+    start, best_epoch, best, history = 1, 0, None, []
+    drops, last_drop, best_step, drop_step = 0, 0, 0, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-            runner.load_state_dict(state)
+            history = json.loads((Path(d) / HISTORY_FILE).read_text())
+            best_weights.load(load_best_weights(d))
+            if not state.get("final"):
+                runner.load_state_dict(state)
             start, best_epoch, best = state["epoch"] + 1, state["best_epoch"], state["best_metrics"]
-            best_weights = {k: v.to(device) for k, v in load_best_weights(d).items()}
+            drops, last_drop = state.get("drops", 0), state.get("last_drop", 0)
+            best_step, drop_step = state.get("best_step", 0), state.get("drop_step", 0)
+        # The Tune files of this attempt may lack these epochs; the trial logs drop any they have.
+        for row in history:
+            ray.train.report(row)
+        if state.get("final"):
+            return
+    # Where this attempt's start-up went; a retry inside the same Tune run has no setup/launch.
+    fit_start = float(config.get("fit_start") or attempt_start)
+    startup = {"time_startup_s": t_data - attempt_start, "time_data_load_s": time_data_load_s,
+               "time_setup_s": 0.0 if same_run else fit_start - attempt_start,
+               "time_launch_s": 0.0 if same_run else t_enter - fit_start}
 
-    for epoch in range(start, num_epochs + 1):
+    patience_steps = math.ceil(config["n_full"] / world / tc.batch_size)  # one pass over the whole split
+    every = int(config["checkpoint_every"])
+    state_bytes = sum(t.numel() * t.element_size() for t in runner.model.state_dict().values())
+    ckpt_cost = state_bytes * (3 if tc.optimizer == "adamw" else 2) / ASSUMED_WRITE_BYTES_S
+    last_ckpt = mark = time.perf_counter()
+    report_s = 0.0
+    for epoch in range(start, max_epochs + 1):
         metrics = {"epoch": epoch, **runner.train_epoch(splits["train"], reduce=world > 1)}
+        t_eval = time.perf_counter()
         metrics.update({f"val_{k}": v for k, v in runner.evaluate(splits["validation"]).items()})
+        metrics["time_eval_s"] = time.perf_counter() - t_eval
         metrics["n_train"] = int(config["n_train"])
-        if best is None or _best_key(metrics) < _best_key(best):
-            best_epoch, best = epoch, {k: metrics[k] for k in (BEST_METRIC, "val_top1_error", "val_loss")}
-            best_weights = {k: v.detach().clone() for k, v in runner.model.state_dict().items()}
-        with tempfile.TemporaryDirectory(dir=_staging_dir(), ignore_cleanup_errors=True) as tmp:
-            if rank == 0:
-                torch.save({**runner.state_dict(), "epoch": epoch, "best_epoch": best_epoch,
-                            "best_metrics": best}, Path(tmp) / STATE_FILE)
-                if best_epoch != epoch:
-                    torch.save(best_weights, Path(tmp) / BEST_FILE)
-            if epoch == num_epochs:
-                metrics.update(_final_metrics(runner, splits, best_weights, best_epoch, best,
-                                              num_classes, config["n_val"]))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None,
-                             checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}")
-        # Fires only in an attempt that started fresh; a resumed attempt is past this epoch anyway.
-        if epoch == tc.fail_at_epoch and checkpoint is None:
+        improved = best is None or _rank_key(metrics, metric) < _rank_key(best, metric)
+        if improved:
+            best_step = runner.steps
+            best_epoch, best = epoch, {k: metrics[k] for k in (metric, "val_top1_error", "val_top5_error", "val_loss")}
+            best_weights.capture(runner.model)
+        # A plateau: no new best for `patience` epochs since the last best or lr drop, and for as
+        # many optimizer steps as `patience` passes over the whole split take (a 1/16 subset's
+        # epoch is a handful of steps: too few to call it converged). Under the plateau
+        # schedule it lowers the lr, `plateau_drops` times; otherwise it ends the trial.
+        stop = False
+        if (tc.patience and epoch - max(best_epoch, last_drop) >= tc.patience
+                and runner.steps - max(best_step, drop_step) >= tc.patience * patience_steps):
+            if tc.schedule == "plateau" and drops < tc.plateau_drops:
+                drops, last_drop, drop_step = drops + 1, epoch, runner.steps
+                runner.drop_lr(tc.step_gamma)
+            else:
+                stop = True
+        last = stop or epoch == max_epochs
+        if world > 1:  # one decision for every rank, or a collective below would hang
+            flags = torch.tensor([int(stop), int(last)], device=device if device.type == "cuda" else "cpu")
+            torch.distributed.broadcast(flags, src=0)
+            stop, last = bool(flags[0]), bool(flags[1])
+        if last:
+            t_test = time.perf_counter()
+            metrics.update(_final_metrics(runner, splits["test"], best_weights, best_epoch, best, metric,
+                                          num_classes, config["n_val"]))
+            metrics.update({"stopped_early": bool(stop and epoch < max_epochs), "max_epochs": max_epochs,
+                            "num_params": num_params, "model": describe(mc.name, mc.width)})
+            metrics["time_test_s"] = time.perf_counter() - t_test
+        due = epoch % every == 0 if every > 0 else time.perf_counter() - last_ckpt >= ckpt_cost / CHECKPOINT_SHARE
+        save = last or due
+        metrics.update(startup, time_report_s=report_s, checkpointed=save,
+                       time_to_first_step_s=(runner.first_step_at or time.time()) - attempt_start)
+        t_ckpt = time.perf_counter()
+        ckpt = None
+        name = f"checkpoint_epoch_{epoch:04d}"
+        if save and rank == 0:
+            target = Path(storage.build_checkpoint_path_from_name(name)) if in_place else \
+                Path(tempfile.mkdtemp(prefix="rs-ckpt-"))
+            _save_checkpoint(target, runner, {"epoch": epoch, "best_epoch": best_epoch, "best_metrics": best,
+                                              "drops": drops, "last_drop": last_drop, "best_step": best_step,
+                                              "drop_step": drop_step, "final": last}, best_weights)
+        metrics["time_checkpoint_s"] = time.perf_counter() - t_ckpt if save else 0.0
+        now = time.perf_counter()
+        metrics["time_epoch_s"] = now - mark
+        metrics["wall_time_s"] = wall_base + time.time() - attempt_start
+        history.append(metrics)
+        if save and rank == 0:
+            (target / HISTORY_FILE).write_text(json.dumps(history))
+            ckpt = ray.train.Checkpoint.from_directory(str(target))
+            ckpt_cost, last_ckpt = time.perf_counter() - t_ckpt, time.perf_counter()
+        mark = time.perf_counter()
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name if save else None,
+                         checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD if in_place
+                         else CheckpointUploadMode.SYNC, delete_local_checkpoint_after_upload=not in_place)
+        report_s = time.perf_counter() - mark
+        if rank == 0:
+            _write_ledger(run_dir, {"token": config["token"], "epoch": epoch, "wall_time_s": metrics["wall_time_s"]})
+        # Only in a Tune run's first attempt, so the retry it causes gets past this epoch.
+        if epoch == tc.fail_at_epoch and not same_run:
             raise InjectedFailure(f"train.fail_at_epoch={epoch}: injected failure after epoch {epoch}")
+        if last:
+            break
 
 
-def _final_metrics(runner: Runner, splits: dict, best_weights: dict, best_epoch: int, best: dict,
-                   num_classes: int, n_val: int) -> dict[str, Any]:
-    """Test the best-validation weights (the checkpoint is already written with the last ones).
+def _save_checkpoint(target: Path, runner: Runner, meta: dict, best_weights: BestWeights) -> None:
+    """Write a checkpoint directory: the full state (or, once training is over, only the best
+    weights: nothing will resume from it), and the best weights when they are not this epoch's."""
+    target.mkdir(parents=True, exist_ok=True)
+    final = meta["final"]
+    torch.save(meta if final else {**runner.state_dict(), **meta}, target / STATE_FILE)
+    if final or meta["best_epoch"] != meta["epoch"]:
+        torch.save(best_weights.ready(), target / BEST_FILE)
 
-    `learned` asks whether the best val top-5 error is clearly below chance (1 - 5/classes):
-    see `clearly_below_chance`. With <= 5 classes top-5 is trivially 0, so top-1 decides.
-    """
-    runner.model.load_state_dict(best_weights)
-    test = runner.evaluate(splits["test"])
-    k, err = (5, best[BEST_METRIC]) if num_classes > 5 else (1, best["val_top1_error"])
+
+def _final_metrics(runner: Runner, test_split, best_weights: BestWeights, best_epoch: int, best: dict,
+                   metric: str, num_classes: int, n_val: int) -> dict[str, Any]:
+    """Test the best-validation weights. `learned` asks whether the best validation top-k error
+    (k from `primary_k`) is clearly below chance: see `clearly_below_chance`."""
+    runner.model.load_state_dict(best_weights.ready())
+    test = runner.evaluate(test_split)
+    k = primary_k(num_classes)
     return {**{f"test_{key}": v for key, v in test.items()}, "best_epoch": best_epoch,
-            "best_val_top5_error": best[BEST_METRIC],
-            "learned": bool(clearly_below_chance(err, num_classes, n_val, k=k))}
+            "best_val_top5_error": best["val_top5_error"], "select_metric": metric,
+            "best_val_error": best[metric], "num_classes": num_classes,
+            "learned": bool(clearly_below_chance(best[f"val_top{k}_error"], num_classes, n_val, k=k))}
 
 
 def build_trainer(cfg: Config, prepared, fraction: float, seed: int, *, use_gpu: bool,
                   gpus_per_worker: float = 1.0, num_workers: int = 1,
-                  run_config: "ray.train.RunConfig | None" = None) -> "TorchTrainer":
-    """A `TorchTrainer` for one (fraction, seed) trial over a `PreparedData`."""
-    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
+                  run_config: "ray.train.RunConfig | None" = None, token: str = "",
+                  trial_start: float | None = None, precision: str | None = None,
+                  reserve_bytes: int | None = None) -> "TorchTrainer":
+    """A `TorchTrainer` for one (fraction, seed) trial over a `PreparedData`.
+
+    The workers read their own data (see `_load_data`): a trial passes Train no datasets, so
+    Train starts no split coordinator, and reads happen on the node that trains.
+    """
+    import uuid
+
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from raysweep.data import stratified_subset
+    from raysweep.gpu import DEFAULT_RESERVE_BYTES
 
     if use_gpu and not gpus_per_worker > 0:
         raise RaysweepError(f"use_gpu needs a positive GPU share per worker, got {gpus_per_worker}")
     if num_workers < 1:
         raise RaysweepError(f"a trial needs at least one worker, got num_workers={num_workers}")
     labels = prepared.labels("train")
-    subset = stratified_subset(labels, fraction, seed)
-    config = {"train": asdict(cfg.train), "fraction": float(fraction), "seed": int(seed),
-              "num_classes": int(prepared.num_classes), "n_train": len(subset), "n_full": len(labels),
-              "n_val": len(prepared.labels("validation")), "n_test": len(prepared.labels("test")),
-              "image_size": int(getattr(prepared, "image_size", cfg.data.image_size))}
+    n_train = len(stratified_subset(labels, fraction, seed))
+    if n_train < num_workers:
+        raise RaysweepError(f"fraction {fraction:g} holds {n_train} training images: fewer than the "
+                            f"{num_workers} workers of a trial")
+    config = {"train": asdict(cfg.train), "model": asdict(cfg.model), "fraction": float(fraction),
+              "seed": int(seed), "prepared": prepared, "num_classes": int(prepared.num_classes),
+              "n_train": n_train, "n_full": len(labels), "n_val": len(prepared.labels("validation")),
+              "n_test": len(prepared.labels("test")), "image_size": int(prepared.image_size),
+              "select_metric": select_metric(cfg.train.select_metric, prepared.num_classes),
+              "checkpoint_every": cfg.sweep.checkpoint_every, "token": token or uuid.uuid4().hex,
+              "trial_start": trial_start or time.time(), "precision": precision,
+              "gpu_share": gpus_per_worker if use_gpu else 0.0,
+              "reserve_bytes": int(reserve_bytes or DEFAULT_RESERVE_BYTES)}
     resources = {"CPU": cfg.sweep.cpus_per_trial, **({"GPU": gpus_per_worker} if use_gpu else {})}
-    # Cache order in, so the seeded batch order is the same on every run and after a resume.
-    from ray.data import DataContext
-
-    ingest = copy.deepcopy(DataContext.get_current().execution_options)
-    ingest.preserve_order = True
     if run_config is None:
         run_config = RunConfig(
             name=f"{cfg.name}_f{fraction:g}_s{seed}",
@@ -440,7 +339,4 @@ def build_trainer(cfg: Config, prepared, fraction: float, seed: int, *, use_gpu:
     return TorchTrainer(
         train_loop_per_worker, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=run_config,
-        datasets={"train": prepared.dataset("train", indices=subset),
-                  "validation": prepared.dataset("validation"), "test": prepared.dataset("test")},
-        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ingest))
+        run_config=run_config)

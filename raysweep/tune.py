@@ -17,26 +17,37 @@ from pathlib import Path
 
 from raysweep.cluster import plan_resources, start_or_join
 from raysweep.config import Config, add_config_args, config_from_args
+from raysweep.console import quiet_ray_logs
 from raysweep.errors import RaysweepError, cli_entry
 from raysweep.io import atomic_write_json, atomic_write_text
 
 CONFIG_FILE = "raysweep_config.json"
 TRAIN_RUNS = "train_runs"
 SUMMARY_COLUMNS = [
-    "fraction", "seed", "n_train", "status", "epochs_done", "best_epoch", "learned",
-    "best_val_top5_error", "val_loss", "val_top1_error", "val_top5_error",
-    "test_loss", "test_top1_error", "test_top5_error", "wall_time_s", "trial_id", "error",
+    "fraction", "seed", "n_train", "status", "epochs_done", "max_epochs", "stopped_early", "best_epoch",
+    "learned", "select_metric", "best_val_error", "best_val_top5_error", "val_loss", "val_top1_error",
+    "val_top5_error", "test_loss", "test_top1_error", "test_top5_error", "steps", "wall_time_s",
+    "time_to_first_step_s", "trial_id", "error",
 ]
 DRIVER_MEMORY = 256 * 1024**2
-PROGRESS_METRICS = ["epoch", "train_loss", "val_top5_error", "test_top5_error"]
 
 
-def run_trial(params: dict, *, cfg_dict: dict, prepared, plan, train_storage: str) -> None:
+# Env vars the Train controller reads (Ray Train propagates them from the process that calls
+# fit). Its default 2 s poll made every report wait up to 2 s, a floor far above a GPU epoch
+# at small fractions (0.16 s); the preemption watcher is one more actor per trial, for spot
+# preemption notices a sweep does not use. A value the user set wins.
+TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.05", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+def run_trial(params: dict, *, cfg_dict: dict, prepared, plan, train_storage: str, gpu_setup: dict) -> None:
     """One Tune trial: build this (fraction, seed)'s TorchTrainer and fit it.
 
     The Train run is named after the trial id, so a retried or resumed trial finds its
     own checkpoints under the same (storage_path, name) and continues from them.
     """
+    trial_start = time.time()
+    import uuid
+
     import ray.data
     import ray.train
     import ray.tune
@@ -44,8 +55,10 @@ def run_trial(params: dict, *, cfg_dict: dict, prepared, plan, train_storage: st
 
     from raysweep.train import build_trainer, checkpoint_config
 
+    for key, value in TRAIN_ENV.items():
+        os.environ.setdefault(key, value)
     cfg = Config.from_dict(cfg_dict)
-    # One progress display for the sweep (Tune's table): per-trial Ray Data bars would flood it.
+    # One progress display for the sweep (the driver's): per-trial Ray Data bars would flood it.
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -57,9 +70,14 @@ def run_trial(params: dict, *, cfg_dict: dict, prepared, plan, train_storage: st
         checkpoint_config=checkpoint_config(cfg.sweep.keep_checkpoints),
         failure_config=ray.train.FailureConfig(max_failures=cfg.sweep.max_failures),
     )
-    trainer = build_trainer(cfg, prepared, float(params["fraction"]), int(params["seed"]),
-                            use_gpu=plan.use_gpu, gpus_per_worker=plan.gpus_per_worker,
-                            num_workers=plan.num_workers, run_config=run_config)
+    fraction = float(params["fraction"])
+    trainer = build_trainer(cfg, prepared, fraction, int(params["seed"]), use_gpu=plan.use_gpu,
+                            gpus_per_worker=plan.gpu_share(fraction) if plan.use_gpu else 0.0,
+                            num_workers=plan.num_workers, run_config=run_config,
+                            token=uuid.uuid4().hex, trial_start=trial_start, **gpu_setup)
+    # Read by the worker: the seconds this function spent on imports and building the trainer,
+    # and those from fit() to the worker's first line (controller, worker group, process group).
+    trainer.train_loop_config["fit_start"] = time.time()
     trainer.fit()
 
 
@@ -76,7 +94,7 @@ def summarize(result_grid) -> list[dict]:
             "n_train": m.get("n_train"),
             "status": "TERMINATED" if finished else ("ERROR" if result.error else "UNFINISHED"),
             "epochs_done": m.get("epoch"),
-            "wall_time_s": m.get("time_total_s"),
+            "wall_time_s": m.get("wall_time_s", m.get("time_total_s")),
             "trial_id": m.get("trial_id") or Path(result.path).name,
             "error": (str(result.error).strip().splitlines() or [""])[-1][:300] if result.error else "",
         }
@@ -108,12 +126,15 @@ def write_summary(exp_dir: Path, rows: list[dict]) -> None:
     atomic_write_json(exp_dir / "summary.json", rows)
 
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list[dict], metric: str = "val_top5_error") -> str:
+    """The final table, with the sweep's select metric (e.g. val_top1_error) and its test twin."""
     import pandas as pd
 
-    cols = ["fraction", "seed", "n_train", "status", "best_epoch", "learned",
-            "val_top5_error", "test_top5_error", "wall_time_s"]
-    frame = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)[cols]
+    test = metric.replace("val_", "test_") if metric.startswith("val_") else "test_top5_error"
+    cols = ["fraction", "seed", "n_train", "status", "epochs_done", "best_epoch", "learned",
+            "best_val_error", test, "wall_time_s"]
+    frame = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)[cols].rename(columns={
+        "best_val_error": f"best_{metric}", "epochs_done": "epochs"})
     return frame.to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
 
@@ -135,43 +156,74 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m raysweep.tune",
         description="Run a Ray Tune grid search over training fraction x seed. Each trial trains "
-                    "AlexNet from scratch in a Ray Train TorchTrainer on a stratified subset, reports "
-                    "train/val loss and top-1/top-5 error every epoch, and ends with the test error "
-                    "of its best-validation checkpoint.",
+                    "a model from scratch (AlexNet by default) in a Ray Train TorchTrainer on a stratified "
+                    "subset, reports train/val loss and top-1/top-5 error every epoch, and ends with the "
+                    "test error of its best-validation checkpoint.",
         epilog="examples:\n"
                "  python -m raysweep.tune --num-gpus 4                     # full recipe, mini-ImageNet\n"
                "  python -m raysweep.tune --data /data/mini-imagenet       # a local hub snapshot\n"
-               "  python -m raysweep.tune --config configs/demo.yaml      # CPU demo, synthetic data\n"
+               "  python -m raysweep.tune --config configs/demo.yaml      # the CPU demo, real photos\n"
                "  python -m raysweep.tune --name my-sweep --resume         # continue a stopped sweep\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)
     p.add_argument("--data", metavar="SOURCE",
-                   help="HF dataset id (default timm/mini-imagenet), a local parquet directory, or 'synthetic'")
+                   help="HF dataset id, a local parquet directory, 'builtin:cifar10-sample' or 'synthetic' "
+                        "(default: data.source of the config, timm/mini-imagenet)")
     p.add_argument("--num-gpus", type=int, metavar="N",
                    help="GPUs for the local Ray instance (default: all this machine has); checked against reality")
-    p.add_argument("--gpus-per-trial", type=float, metavar="G",
-                   help="GPUs per trial: 1, 2, ... = one worker per GPU; 0.5 packs two trials per GPU (default 1)")
-    p.add_argument("--fractions", type=float, nargs="+", metavar="F", help="training fractions in (0, 1]")
-    p.add_argument("--seeds", type=int, nargs="+", metavar="S", help="seeds (subset, init, augmentation)")
-    p.add_argument("--epochs", type=int, metavar="N", help="epochs per trial")
-    p.add_argument("--storage-path", metavar="DIR", help="where experiments go (default ./results)")
+    p.add_argument("--gpus-per-trial", metavar="G",
+                   help="'auto' (default): small fractions share a GPU, large ones get a whole one, by memory; "
+                        "or a number: 1, 2, ... = one worker per GPU, 0.5 = two trials per GPU")
+    p.add_argument("--fractions", type=float, nargs="+", metavar="F",
+                   help="training fractions in (0, 1] (default: sweep.fractions of the config)")
+    p.add_argument("--seeds", type=int, nargs="+", metavar="S",
+                   help="seeds: subset, init, augmentation (default: sweep.seeds of the config)")
+    p.add_argument("--epochs", type=int, metavar="N", help="epochs per trial; a cap when train.patience > 0 "
+                                                           "(default: train.epochs of the config)")
+    p.add_argument("--storage-path", metavar="DIR", help="where experiments go (default: sweep.storage_path, ./results)")
     p.add_argument("--name", help="experiment name (default: config name + timestamp)")
     p.add_argument("--resume", action="store_true",
                    help="continue the experiment --name (or the newest of this config): errored and "
                         "unfinished trials resume from their checkpoints, finished ones are kept")
-    p.add_argument("--address", metavar="ADDR", help="join an existing cluster ('auto' or host:port)")
+    p.add_argument("--address", metavar="ADDR", help="join an existing cluster ('auto' or host:port) "
+                                                     "(default: start a local one)")
     p.add_argument("--dashboard-host", default="127.0.0.1",
-                   help="interface for the local dashboard (default 127.0.0.1; 0.0.0.0 exposes it)")
-    p.add_argument("--quiet", action="store_true", help="no progress table (for tests and scripts)")
+                   help="interface for the local dashboard (default: 127.0.0.1; 0.0.0.0 exposes it)")
+    p.add_argument("--mlflow", metavar="URI",
+                   help="also log every trial as an MLflow run to this tracking URI (e.g. file:./mlruns); "
+                        "needs pip install 'raysweep[mlflow]'")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--verbose", action="store_true", help="show Ray's own logs too (INFO lines, worker output)")
+    out.add_argument("--quiet", action="store_true", help="only errors and the final lines (for scripts)")
     return p
+
+
+def _n_train_plan(cfg: Config, prepared) -> dict[tuple[float, int], dict]:
+    """(fraction, seed) -> training images and epoch cap, as the trials will compute them."""
+    from raysweep.data import stratified_subset
+    from raysweep.runner import epochs_for_budget
+
+    labels = prepared.labels("train")
+    plan = {}
+    for f in cfg.sweep.fractions:
+        for s in cfg.sweep.seeds:
+            n = len(stratified_subset(labels, f, s))
+            plan[(float(f), int(s))] = {"n_train": n, "max_epochs": epochs_for_budget(cfg.train, n, len(labels))}
+    return plan
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    gpt = args.gpus_per_trial
+    if gpt is not None and gpt != "auto":
+        try:
+            gpt = float(gpt)
+        except ValueError:
+            raise RaysweepError(f"--gpus-per-trial must be 'auto' or a number, got {gpt!r}") from None
     cfg = config_from_args(args, {
         "data.source": args.data, "sweep.fractions": args.fractions, "sweep.seeds": args.seeds,
-        "train.epochs": args.epochs, "sweep.gpus_per_trial": args.gpus_per_trial,
+        "train.epochs": args.epochs, "sweep.gpus_per_trial": gpt,
     })
     if args.num_gpus is not None and args.num_gpus < 0:
         raise RaysweepError(f"--num-gpus must be >= 0, got {args.num_gpus}")
@@ -185,37 +237,100 @@ def main(argv: list[str] | None = None) -> int:
     elif exp_dir.exists() and any(exp_dir.iterdir()):
         raise RaysweepError(f"experiment {exp_dir} already exists: pass --resume to continue it, "
                             "or choose another --name")
+    # Every refusal a user can cause comes here, before Ray starts.
     _check_source(cfg)
+    if args.mlflow:
+        from raysweep.tracking import check_mlflow
 
+        check_mlflow()
+    local_plan = None
+    if not args.address:
+        from raysweep.cluster import plan_local
+
+        local_plan = plan_local(num_gpus=args.num_gpus, gpus_per_trial=cfg.sweep.gpus_per_trial,
+                                cpus_per_trial=cfg.sweep.cpus_per_trial,
+                                gpus_per_trial_explicit=args.gpus_per_trial is not None)
+    from raysweep.model import model_info
+
+    model_info(cfg.model.name, cfg.model.width, 2, cfg.data.image_size, cfg.train.dropout)
+
+    quiet, verbose = args.quiet, args.verbose
+    if not verbose:
+        quiet_ray_logs()
+    if not args.address:
+        # Ray starts its workers at nice 15; in a sweep they are the work, so they get the CPU
+        # on a par with the driver, the raylet and whatever else runs (measured: bench overhead).
+        os.environ.setdefault("RAY_worker_niceness", "0")
     t0 = time.time()
-    info = start_or_join(address=args.address, num_gpus=args.num_gpus,
-                         dashboard_host=args.dashboard_host, quiet=args.quiet)
+    info = start_or_join(address=args.address, num_gpus=local_plan.gpus if local_plan else args.num_gpus,
+                         dashboard_host=args.dashboard_host, quiet=not verbose)
     plan = plan_resources(cluster_cpus=info["cpus"], cluster_gpus=info["gpus"],
                           gpus_per_trial=cfg.sweep.gpus_per_trial, cpus_per_trial=cfg.sweep.cpus_per_trial,
                           gpus_per_trial_explicit=args.gpus_per_trial is not None,
                           host_cpus=os.cpu_count() if info["local"] else info["max_node_cpus"])
     if not plan.use_gpu and cfg.train.num_threads == 0:
         cfg.train.num_threads = plan.torch_threads
-    _print_banner(info, plan, cfg, exp_dir)
+    if not quiet:
+        _print_banner(info, plan, cfg, exp_dir)
+    gpu_setup: dict = {}
+    if plan.use_gpu:  # one second on every GPU node, before any trial: one line if CUDA cannot run
+        from raysweep.gpu import cuda_preflight
 
+        report = cuda_preflight(bf16=cfg.train.bf16)
+        gpu_setup["precision"] = report.precision
+        for note in report.notes:
+            print(note)
     from raysweep.data import prepare_from_config
 
-    prepared = prepare_from_config(cfg.data)
+    prepared = prepare_from_config(cfg.data, progress=not quiet)
+    model = model_info(cfg.model.name, cfg.model.width, prepared.num_classes, prepared.image_size, cfg.train.dropout)
+    if plan.use_gpu or not info["local"]:  # trials read the cache on the nodes that train
+        from raysweep.cluster import check_cache_on_nodes
+
+        check_cache_on_nodes(prepared.path, use_gpu=plan.use_gpu)
+    if plan.use_gpu:
+        plan, gpu_setup["reserve_bytes"] = _gpu_shares(cfg, prepared, plan, info, report)
+        if plan.auto and not quiet:
+            print(f"GPU shares: {plan.describe()}")
+    grid = _n_train_plan(cfg, prepared)
     exp_dir.mkdir(parents=True, exist_ok=True)
     if not args.resume:
         atomic_write_json(exp_dir / CONFIG_FILE, cfg.to_dict())
+    if not quiet:
+        print(f"Model: {model['model']}, {model['num_params']:,} parameters, {prepared.image_size} px input, "
+              f"{prepared.num_classes} classes; data: " +
+              ", ".join(f"{s} {n:,}" for s, n in prepared.counts.items()), flush=True)
 
-    results = _fit(cfg, prepared, plan, storage, name, resume=args.resume, quiet=args.quiet)
+    from raysweep.metrics import select_metric
+    from raysweep.sweep_display import SweepDisplay
+
+    done = _finished_points(exp_dir) if args.resume else set()
+    display = SweepDisplay(grid, select_metric(cfg.train.select_metric, prepared.num_classes),
+                           quiet=quiet, done=done)
+    callbacks = [display]
+    if args.mlflow:
+        from raysweep.tracking import tune_callback
+
+        callbacks.append(tune_callback(args.mlflow, name, cfg.to_dict()))
+    results = _fit(cfg, prepared, plan, storage, name, resume=args.resume, callbacks=callbacks, verbose=verbose,
+                   gpu_setup=gpu_setup)
+    display.bar.close()
     rows = complete_grid(summarize(results), cfg.sweep.fractions, cfg.sweep.seeds)
     write_summary(exp_dir, rows)
     wall = time.time() - t0
-    print()
-    print(format_table(rows))
     bad = [r for r in rows if r["status"] != "TERMINATED"]
+    stopped = [r for r in rows if r["status"] in ("UNFINISHED", "NOT_STARTED")]
     unlearned = [r for r in rows if r["status"] == "TERMINATED" and r.get("learned") is False]
+    resume = f"python -m raysweep.tune --resume --name {name} --storage-path {storage}"
+    if stopped:  # interrupted: the resume line, and nothing that suggests the sweep is done
+        print(f"\nInterrupted after {wall:.0f} s: {len(rows) - len(stopped)} of {len(rows)} trials ended. "
+              f"Continue the sweep with:\n  {resume}")
+        return 1
+    print()
+    print(format_table(rows, display.metric))
     if bad:
-        print(f"\n{len(bad)} of {len(rows)} trial(s) did not finish. Continue the sweep with:\n"
-              f"  python -m raysweep.tune --resume --name {name} --storage-path {storage}")
+        print(f"\n{len(bad)} of {len(rows)} trial(s) failed (see `error` in {exp_dir / 'summary.csv'}). "
+              f"Retry them with:\n  {resume}")
     if unlearned:
         print(f"{len(unlearned)} trial(s) stayed near chance (learned=False); the analysis leaves them "
               "out of the fit unless --include-unlearned.")
@@ -225,13 +340,41 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if bad else 0
 
 
-def _check_source(cfg: Config) -> None:
-    """Refuse a local --data path that does not exist before anything starts."""
-    from raysweep.data.source import looks_like_path
+def _gpu_shares(cfg: Config, prepared, plan, info: dict, report):
+    """The model's device reserve (measured on the CPU, about a second) and, under
+    --gpus-per-trial auto, each fraction's GPU share from its data size and the GPU's memory."""
+    from raysweep.gpu import measure_footprint, need_by_fraction, training_reserve_bytes
+    from raysweep.model import build_model
 
-    src = cfg.data.source
-    if looks_like_path(src) and not Path(os.path.expanduser(src)).exists():
-        raise RaysweepError(f"--data {src}: no such directory")
+    size, tc = prepared.image_size, cfg.train
+    footprint = measure_footprint(build_model(prepared.num_classes, tc.dropout, cfg.model.name, cfg.model.width),
+                                  size, report.precision)
+    reserve = training_reserve_bytes(footprint, batch_size=tc.batch_size, eval_batch_size=tc.eval_batch_size,
+                                     image_size=size, precision=report.precision, optimizer=tc.optimizer,
+                                     momentum=tc.momentum)
+    if plan.auto:
+        need = need_by_fraction(prepared.labels("train"), len(prepared.labels("validation")),
+                                len(prepared.labels("test")), cfg.sweep.fractions, size, reserve)
+        plan = plan_resources(cluster_cpus=info["cpus"], cluster_gpus=info["gpus"], gpus_per_trial="auto",
+                              cpus_per_trial=cfg.sweep.cpus_per_trial, host_cpus=info["max_node_cpus"],
+                              gpu_memory_bytes=report.gpu_memory_bytes, trial_bytes=need)
+    return plan, reserve
+
+
+def _finished_points(exp_dir: Path) -> set[tuple[float, int]]:
+    """Grid points whose trial finished in an earlier run of this experiment (from summary.json)."""
+    try:
+        rows = json.loads((exp_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return set()
+    return {(float(r["fraction"]), int(r["seed"])) for r in rows if r.get("status") == "TERMINATED"}
+
+
+def _check_source(cfg: Config) -> None:
+    """Refuse a bad local or built-in source (path, layout, columns) before anything starts."""
+    from raysweep.data import check_local_source
+
+    check_local_source(cfg.data)
 
 
 def _print_banner(info: dict, plan, cfg: Config, exp_dir: Path) -> None:
@@ -241,29 +384,40 @@ def _print_banner(info: dict, plan, cfg: Config, exp_dir: Path) -> None:
     elif info["dashboard_url"]:
         print(f"Joined the Ray cluster; its dashboard: {info['dashboard_url']}")
     grid = len(cfg.sweep.fractions) * len(cfg.sweep.seeds)
+    stop = f", early stopping after {cfg.train.patience} epochs without a new best" if cfg.train.patience else ""
     print(f"Sweep {exp_dir.name}: {len(cfg.sweep.fractions)} fractions x {len(cfg.sweep.seeds)} seeds = "
-          f"{grid} trials, {cfg.train.epochs} epochs ({cfg.train.budget} budget) on {cfg.data.source}")
+          f"{grid} trials, up to {cfg.train.epochs} epochs ({cfg.train.budget} budget{stop}) on {cfg.data.source}")
     print(f"Resources: {info['cpus']:g} CPUs, {info['gpus']:g} GPUs; {plan.describe()}")
     sys.stdout.flush()
 
 
-def _fit(cfg: Config, prepared, plan, storage: Path, name: str, *, resume: bool, quiet: bool):
+def _fit(cfg: Config, prepared, plan, storage: Path, name: str, *, resume: bool, callbacks: list, verbose: bool,
+         gpu_setup: dict):
+    import logging
+
     from ray import tune
+
+    from raysweep.trial_logs import trial_loggers
 
     trainable = tune.with_parameters(
         run_trial, cfg_dict=cfg.to_dict(), prepared=prepared, plan=plan,
-        train_storage=str(storage / name / TRAIN_RUNS))
+        train_storage=str(storage / name / TRAIN_RUNS), gpu_setup=gpu_setup)
     # The driver function only builds and watches a TorchTrainer: it holds no CPU (a bundle
     # must hold something, so a little memory), leaving whole CPUs to the worker and Ray Data.
     trainable = tune.with_resources(trainable, tune.PlacementGroupFactory([{"CPU": 0, "memory": DRIVER_MEMORY}]))
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the classic table shows our columns
+    callbacks = [*trial_loggers(), *callbacks]
+    if not verbose:
+        # Tune's interrupt message points at Tuner.restore; the sweep prints its own --resume line.
+        logging.getLogger("ray.tune.tune").setLevel(logging.CRITICAL)
+        # The classic output engine stays silent at verbose=0 (the new one prints a config box).
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     if resume:
-        # The restored run keeps its original progress settings (Tune stores them).
         tuner = tune.Tuner.restore(str(storage / name), trainable=trainable,
                                    resume_unfinished=True, resume_errored=True, restart_errored=False)
+        # Tune restores the RunConfig pickled at the start, callbacks included; this run's
+        # display and loggers replace them.
+        tuner._local_tuner.get_run_config().callbacks = callbacks
         return tuner.fit()
-    reporter = tune.CLIReporter(parameter_columns=["fraction", "seed"], metric_columns=PROGRESS_METRICS,
-                                max_report_frequency=30, sort_by_metric=False)
     tuner = tune.Tuner(
         trainable,
         param_space={"fraction": tune.grid_search(list(cfg.sweep.fractions)),
@@ -272,8 +426,7 @@ def _fit(cfg: Config, prepared, plan, storage: Path, name: str, *, resume: bool,
         run_config=tune.RunConfig(
             name=name, storage_path=str(storage),
             failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
-            progress_reporter=None if quiet else reporter,
-            verbose=0 if quiet else 1,
+            callbacks=callbacks, progress_reporter=None, verbose=2 if verbose else 0,
         ),
     )
     return tuner.fit()

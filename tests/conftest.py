@@ -161,11 +161,21 @@ def run_cli(*args: str, timeout: float = 900, check: bool = True) -> subprocess.
 @pytest.fixture(scope="session")
 def smoke_experiment(ray_cluster, tmp_path_factory) -> Path:
     """The smoke sweep (configs/smoke.yaml: 2 fractions x 2 seeds x 2 epochs), run through the
-    CLI against the session cluster it did not start; returns the experiment directory."""
+    CLI at its default verbosity against the session cluster it did not start; returns the
+    experiment directory. Its console output is kept beside it (cli_stdout.txt, cli_stderr.txt),
+    and, where MLflow is installed, it logs to the MLflow store `mlruns` beside it too."""
     root = tmp_path_factory.mktemp("smoke")
+    mlflow = []
+    try:
+        import mlflow as _  # noqa: F401
+
+        mlflow = ["--mlflow", f"file:{root / 'mlruns'}"]
+    except ImportError:
+        pass
     proc = run_cli("raysweep.tune", "--config", "configs/smoke.yaml", "--address", ray_cluster,
-                   "--storage-path", str(root), "--name", "smoke", "--quiet",
+                   "--storage-path", str(root), "--name", "smoke", *mlflow,
                    "--set", f"data.cache_dir={root / 'cache'}")
     exp = root / "smoke"
     (root / "cli_stdout.txt").write_text(proc.stdout)
+    (root / "cli_stderr.txt").write_text(proc.stderr)
     return exp

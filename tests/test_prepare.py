@@ -1,4 +1,4 @@
-"""prepare(): every image mode decoded to 227x227x3 uint8 once, cached atomically, bad input named."""
+"""prepare(): every image mode decoded to uint8 once, cached atomically, bad input named; validation carved."""
 
 from __future__ import annotations
 
@@ -168,7 +168,7 @@ def test_skip_mode_counts_and_records_the_bad_image(ray_session, corrupt_dir, tm
 def test_missing_split_is_an_error(synthetic_dir, tmp_path):
     shutil.copytree(synthetic_dir, tmp_path / "set")
     os.remove(split_file(tmp_path / "set", "test"))
-    with pytest.raises(RaysweepError, match="split 'test' is missing"):
+    with pytest.raises(RaysweepError, match=r"split 'test' is missing \(splits found in data/: train, validation\)"):
         prepare(str(tmp_path / "set"), tmp_path / "cache", progress=False)
 
 
@@ -185,14 +185,15 @@ def test_label_outside_the_class_range_is_an_error(synthetic_dir, tmp_path):
         return t.set_column(1, "label", pa.array(labels, pa.int64()))
 
     root = copy_with(synthetic_dir, tmp_path / "set", "validation", relabel)
-    with pytest.raises(RaysweepError, match=r"split 'validation' row 3: label 9 is outside the class range \[0, 4\)"):
+    with pytest.raises(RaysweepError, match=r"validation-00000-of-00001.parquet row 3 \(split 'validation' row 3\): "
+                                            r"label 9 in column 'label' is outside the class range \[0, 4\)"):
         prepare(str(root), tmp_path / "cache", progress=False)
 
 
 def test_paths_are_never_sent_to_the_hub(monkeypatch, tmp_path):
     import raysweep.data.source as source
 
-    monkeypatch.setattr(source, "_download_hub", lambda repo: pytest.fail(f"{repo} was sent to the hub"))
+    monkeypatch.setattr(source, "_download_hub", lambda repo, *a: pytest.fail(f"{repo} was sent to the hub"))
     for path in ["./timm/mini-imagenet", "/no/such/dir", "~/no-such-raysweep-dir"]:
         with pytest.raises(RaysweepError, match="no such file or directory"):
             resolve_source(path)
@@ -235,3 +236,94 @@ def test_cli_hub_failure_and_bad_path_are_one_line(tmp_path):
     assert "'timm/mini-imagenet'" in line and "Hugging Face hub" in line
     line = _one_error_line(_cli("--data", str(tmp_path / "missing"), "--cache-dir", str(tmp_path)))
     assert "missing': no such file or directory" in line
+
+
+# --- a source without a validation split: carving, on the shipped real photos -----------------
+
+def test_cli_prepares_the_builtin_set_with_progress_and_nothing_from_ray(ray_cluster, tmp_path_factory):
+    cache = tmp_path_factory.getbasetemp() / "builtin-cache"
+    run = _cli("--data", "builtin:cifar10-sample", "--cache-dir", str(cache), "--image-size", "32",
+               "--address", ray_cluster)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert any(line.split() == ["train", "2700", "0", "train"] for line in lines), run.stdout
+    assert any(line.split() == ["validation", "300", "0", "train"] for line in lines), run.stdout
+    assert any(line.split() == ["test", "2000", "0", "test"] for line in lines), run.stdout
+    # A pipe gets plain progress lines (rate, ETA) and none of Ray Data's own output.
+    final = [line for line in run.stderr.splitlines() if line.startswith("decoding: 5,000/5,000 img (100%)")]
+    assert final and "img/s" in final[0] and "ETA" in final[0], run.stderr
+    for noise in ("\x1b[", "INFO", "Progress bars", "streaming_executor", "Traceback"):
+        assert noise not in run.stderr + run.stdout, noise
+
+
+@pytest.fixture(scope="module")
+def carved(ray_session, tmp_path_factory) -> PreparedData:
+    """The built-in set at 32 px (the CLI test above may already have decoded it)."""
+    return prepare("builtin:cifar10-sample", tmp_path_factory.getbasetemp() / "builtin-cache", image_size=32,
+                   progress=False)
+
+
+def test_carved_validation_is_recorded_stratified_and_routed_from_train(carved):
+    from raysweep.data import carve_validation
+
+    src = resolve_source("builtin:cifar10-sample")
+    train = pq.read_table(src.files["train"][0])
+    source_labels = train.column("label").to_numpy()
+    assert carved.counts == {"train": 2700, "validation": 300, "test": 2000}
+    assert carved.num_classes == 10 and carved.class_names[0] == "airplane"
+    val_rows = carved.source_rows("validation")
+    assert carved.carved == {"from": "train", "fraction": 0.1, "seed": 0, "rows": val_rows.tolist()}
+    assert np.array_equal(val_rows, carve_validation(source_labels, 0.1, 0))
+    assert np.bincount(carved.labels("validation")).tolist() == [30] * 10
+    assert np.array_equal(carved.source_rows("train"), np.setdiff1d(np.arange(3000), val_rows))
+    assert carved.meta["splits"]["validation"]["source_split"] == "train"
+    # Each cache row holds the pixels and label of its source row (PIL decoder at 32 px: exact).
+    for split in ("train", "validation"):
+        rows = carved.source_rows(split)
+        assert np.array_equal(carved.labels(split), source_labels[rows])
+        for i in (0, len(rows) // 2, len(rows) - 1):
+            data = train.column("img")[int(rows[i])].as_py()["bytes"]
+            assert np.array_equal(carved.images(split)[i], pil_square(data, 32)), (split, i)
+    # The test split is untouched: every row, in order.
+    test = pq.read_table(src.files["test"][0])
+    assert np.array_equal(carved.source_rows("test"), np.arange(2000))
+    assert np.array_equal(carved.labels("test"), test.column("label").to_numpy())
+
+
+def test_no_training_subset_of_the_cache_holds_a_carved_row(carved):
+    val = set(carved.source_rows("validation").tolist())
+    train_rows = carved.source_rows("train")
+    for seed in range(3):
+        for fraction in (1.0, 0.5, 0.25, 0.125):
+            picked = train_rows[stratified_subset(carved.labels("train"), fraction, seed)]
+            assert not val & set(picked.tolist())
+
+
+def test_the_carving_settings_key_the_cache_only_when_there_is_carving(carved, synthetic_dir):
+    builtin, hub_like = resolve_source("builtin:cifar10-sample"), resolve_source(str(synthetic_dir))
+    base = cache_path("/c", builtin, 32, "pil")
+    assert base.name == carved.path.name and carved.meta["decoder"] == "pil"  # decoder "auto": 32 px photos
+    assert cache_path("/c", builtin, 32, "pil", val_seed=1) != base
+    assert cache_path("/c", builtin, 32, "pil", val_fraction=0.2) != base
+    assert cache_path("/c", hub_like, 32, "pil", val_seed=1, val_fraction=0.2) == cache_path("/c", hub_like, 32, "pil")
+
+
+def test_a_skipped_image_in_a_carved_row_leaves_validation_and_train_consistent(ray_session, tmp_path):
+    from raysweep.data import carve_validation
+    from raysweep.synthetic import write_synthetic
+
+    root = write_synthetic(tmp_path / "set", classes=3, train_per_class=6, val_per_class=0, test_per_class=2,
+                           folder="plain_text", size=(16, 16))
+    path = root / "plain_text" / "train-00000-of-00001.parquet"
+    labels = pq.read_table(path).column("label").to_numpy()
+    val = carve_validation(labels, 0.34, seed=0)  # 2 of each class's 6
+    bad = int(val[1])
+    table = pq.read_table(path)
+    pq.write_table(truncate_row(table, bad).replace_schema_metadata(table.schema.metadata), path)
+    out = prepare(str(root), tmp_path / "cache", on_bad_image="skip", image_size=16, progress=False,
+                  val_fraction=0.34)
+    assert out.counts == {"train": 12, "validation": 5, "test": 6}
+    assert np.array_equal(out.source_rows("validation"), np.delete(val, 1))
+    assert out.meta["splits"]["validation"]["skipped"][0]["row"] == bad
+    assert np.array_equal(out.labels("validation"), labels[np.delete(val, 1)])
+    assert np.array_equal(out.source_rows("train"), np.setdiff1d(np.arange(18), val))

@@ -92,3 +92,58 @@ def test_empty_or_non_integer_labels_are_errors():
         stratified_subset(np.array([], np.int64), 0.5, 0)
     with pytest.raises(RaysweepError, match="integers"):
         stratified_subset(np.array([0.5, 1.0]), 0.5, 0)
+
+
+# --- carve_validation: the validation split of a source that has none ------------------------
+
+def test_carved_validation_is_stratified_with_at_least_one_row_per_class(labels):
+    from raysweep.data import carve_validation
+
+    val = carve_validation(labels, 0.1, seed=0)
+    assert val.dtype == np.int64 and np.all(np.diff(val) > 0)
+    for c in range(10):
+        n_class = int((labels == c).sum())
+        assert int((labels[val] == c).sum()) == max(1, round(0.1 * n_class))
+    tiny = np.array([0, 0, 1, 1, 1, 2, 2] + [3] * 40)
+    got = tiny[carve_validation(tiny, 0.05, seed=0)]
+    assert np.bincount(got).tolist() == [1, 1, 1, 2], "at least one per class; the rest rounded"
+    assert np.bincount(tiny[carve_validation(tiny, 0.9, seed=0)]).tolist() == [1, 2, 1, 36], "a class keeps a training row"
+
+
+def test_carved_validation_is_fixed_by_val_seed_alone(labels):
+    from raysweep.data import carve_validation
+
+    a = carve_validation(labels, 0.1, seed=0)
+    assert np.array_equal(a, carve_validation(labels.copy(), 0.1, seed=0))
+    assert not np.array_equal(a, carve_validation(labels, 0.1, seed=1)), "data.val_seed changes the rows"
+    # Its stream is not the training subsets': val_seed 0 does not mirror sweep seed 0.
+    assert not np.array_equal(a, stratified_subset(labels, 0.1, seed=0))
+
+
+@pytest.mark.parametrize("val_seed", [0, 3])
+def test_carved_rows_are_in_no_training_subset_of_any_seed_or_fraction(labels, val_seed):
+    """What prepare does: train = the rows not carved; subsets are drawn from that train."""
+    from raysweep.data import carve_validation
+
+    val = carve_validation(labels, 0.1, seed=val_seed)
+    train_rows = np.setdiff1d(np.arange(len(labels)), val)  # source row of each cache train row
+    for seed in range(5):
+        for f in FRACTIONS:
+            subset_rows = train_rows[stratified_subset(labels[train_rows], f, seed)]
+            assert not np.intersect1d(subset_rows, val).size
+    assert len(train_rows) + len(val) == len(labels)
+
+
+@pytest.mark.parametrize("fraction", [0, 1, 1.5, -0.1, "a tenth"])
+def test_carving_fraction_outside_the_open_unit_interval_is_an_error(labels, fraction):
+    from raysweep.data import carve_validation
+
+    with pytest.raises(RaysweepError, match="data.val_fraction"):
+        carve_validation(labels, fraction, seed=0)
+
+
+def test_carving_a_class_with_one_training_row_is_an_error():
+    from raysweep.data import carve_validation
+
+    with pytest.raises(RaysweepError, match="class 2 has 1 training row"):
+        carve_validation(np.array([0, 0, 1, 1, 2]), 0.5, seed=0)

@@ -15,14 +15,21 @@ import pytest
 from conftest import REPO, run_cli
 
 PER_EPOCH = ["epoch", "lr", "train_loss", "train_top1_error", "train_top5_error", "val_loss",
-             "val_top1_error", "val_top5_error", "images_per_sec", "n_train"]
+             "val_top1_error", "val_top5_error", "images_per_sec", "n_train", "steps", "time_train_s",
+             "time_eval_s", "time_checkpoint_s", "time_epoch_s", "wall_time_s", "time_to_first_step_s"]
+# Ray's log lines that must not reach a user's console at the default verbosity.
+RAY_NOISE = ["INFO", "TrainingReport", "PreemptionWatcher", "worker group", "== Status ==", "Tuner.restore",
+             "\x1b["]
 FINAL = ["test_loss", "test_top1_error", "test_top5_error", "best_epoch", "best_val_top5_error", "learned"]
 
 
 @pytest.mark.parametrize("args,expect", [
     (["--num-gpus", "1"], "--num-gpus 1 asked for, but this machine has 0 GPU(s)"),
+    (["--gpus-per-trial", "1"], "--gpus-per-trial 1"),
+    (["--set", "data.image_size=32"], "AlexNet needs at least 63 px"),
+    (["--set", "model.name=no_such_net", "--set", "model.width=1"], "'no_such_net' is not a torchvision classification model"),
     (["--set", "train.nonsense=3"], "unknown config key 'train.nonsense'"),
-    (["--data", "./no/such/snapshot"], "--data ./no/such/snapshot: no such directory"),
+    (["--data", "./no/such/snapshot"], "data source './no/such/snapshot': no such file or directory"),
     (["--fractions", "0.5", "1.5"], "'sweep.fractions[1]' = 1.5 is outside (0, 1]"),
 ])
 def test_user_errors_are_one_line_and_start_nothing(tmp_path, args, expect):
@@ -34,6 +41,7 @@ def test_user_errors_are_one_line_and_start_nothing(tmp_path, args, expect):
     assert expect in lines[0] and lines[0].startswith("raysweep: error:")
     assert "Traceback" not in proc.stderr
     assert list(tmp_path.iterdir()) == []  # no experiment, no cache: nothing started
+    assert "Ray" not in proc.stdout  # refused before Ray started: no dashboard line
 
 
 def test_smoke_sweep_reads_back_through_tune(smoke_experiment, ray_session):
@@ -64,6 +72,23 @@ def test_smoke_sweep_reads_back_through_tune(smoke_experiment, ray_session):
     assert n_train[1.0] == 48 and n_train[0.5] == 24  # 4 classes x 12, stratified half
 
 
+def test_the_default_console_is_the_sweeps_display_not_rays_logs(smoke_experiment):
+    out = (smoke_experiment.parent / "cli_stdout.txt").read_text()
+    err = (smoke_experiment.parent / "cli_stderr.txt").read_text()
+    for noise in RAY_NOISE:
+        assert noise not in out + err, noise
+    lines = out.splitlines()
+    starts = [ln for ln in lines if "] start " in ln]
+    ends = [ln for ln in lines if "] done " in ln]
+    assert len(starts) == len(ends) == 4  # one line each as a trial starts and ends
+    for ln in ends:
+        assert "fraction" in ln and "seed" in ln and "n_train" in ln and "epochs" in ln and "val top1 error" in ln
+    # The piped (non-terminal) bar prints plain progress lines, and the sweep ends with its table.
+    assert any(ln.startswith("sweep: ") and "epochs" in ln and "ETA" in ln for ln in lines)
+    table = lines.index(next(ln for ln in lines if ln.split()[:2] == ["fraction", "seed"]))
+    assert table > lines.index(ends[-1]) and lines[-1].startswith("Next: python -m analysis.plot_scaling")
+
+
 def test_summary_files(smoke_experiment):
     import pandas as pd
 
@@ -88,19 +113,28 @@ def _finished_trials(exp: Path) -> dict[str, int]:
     return done
 
 
+def _sweep(ray_cluster, tmp_path, name, *extra) -> list[str]:
+    return [sys.executable, "-m", "raysweep.tune", "--config", "configs/smoke.yaml", "--address", ray_cluster,
+            "--storage-path", str(tmp_path), "--name", name, "--set", f"data.cache_dir={tmp_path / 'cache'}",
+            *extra]
+
+
+def _wait_for(predicate, proc, what: str, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while not predicate() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert proc.poll() is None, f"the sweep ended before {what}"
+    assert predicate(), f"timed out waiting for {what}"
+
+
 @pytest.mark.slow
 def test_killed_driver_resumes_without_retraining_finished_trials(ray_cluster, tmp_path):
-    args = [sys.executable, "-m", "raysweep.tune", "--config", "configs/smoke.yaml", "--address", ray_cluster,
-            "--storage-path", str(tmp_path), "--name", "killed", "--quiet", "--fractions", "1", "0.5",
-            "--seeds", "0", "--set", f"data.cache_dir={tmp_path / 'cache'}"]
     exp = tmp_path / "killed"
-    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    proc = subprocess.Popen(_sweep(ray_cluster, tmp_path, "killed", "--quiet", "--fractions", "1", "0.5",
+                                   "--seeds", "0"),
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
-        deadline = time.time() + 600
-        while not _finished_trials(exp) and time.time() < deadline and proc.poll() is None:
-            time.sleep(1)
-        assert proc.poll() is None, "the sweep ended before it could be killed"
+        _wait_for(lambda: _finished_trials(exp), proc, "a trial finished")
         finished = _finished_trials(exp)
         assert len(finished) == 1, finished
     finally:
@@ -122,6 +156,59 @@ def test_killed_driver_resumes_without_retraining_finished_trials(ray_cluster, t
         epochs = [json.loads(ln)["epoch"] for ln in (Path(trial.path) / "result.json").read_text().splitlines()
                   if ln.strip()]
         assert epochs == [1, 2]  # each epoch reported once, none lost or repeated
+
+
+def _tensorboard_steps(trial_dir: Path, tag: str) -> list[int]:
+    """Steps of one scalar over every TensorBoard events file of a trial, read record by record."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    steps = []
+    for path in sorted(trial_dir.glob("events.out.tfevents.*")):
+        data, i = path.read_bytes(), 0
+        while i < len(data):  # TFRecord framing: length, its CRC, the event, its CRC
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            steps += [event.step for v in event.summary.value if v.tag == tag]
+    return steps
+
+
+@pytest.mark.slow
+def test_ctrl_c_right_after_a_checkpoint_then_resume_keeps_every_epoch_once(ray_cluster, tmp_path):
+    exp = tmp_path / "intr"
+    epochs = 12
+    proc = subprocess.Popen(_sweep(ray_cluster, tmp_path, "intr", "--fractions", "1", "--seeds", "0",
+                                   "--epochs", str(epochs), "--set", "sweep.checkpoint_every=2"),
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _wait_for(lambda: list(exp.glob("train_runs/*/checkpoint_epoch_0002/history.json")), proc,
+                  "the epoch-2 checkpoint")
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground group
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1, out + err
+    # After an interrupt: only the tool's own resume line, not Ray's Tuner.restore hint, no "Next:".
+    assert f"--resume --name intr --storage-path {tmp_path}" in out
+    assert "Tuner.restore" not in out + err and "Next:" not in out and "Traceback" not in err
+
+    resumed = run_cli("raysweep.tune", "--address", ray_cluster, "--storage-path", str(tmp_path),
+                      "--name", "intr", "--resume", "--verbose")
+    assert "Started training worker group" in resumed.stdout + resumed.stderr  # --verbose: Ray's logs are back
+    (trial_dir,) = [p for p in exp.iterdir() if p.name.startswith("run_trial_")]
+    rows = [json.loads(ln) for ln in (trial_dir / "result.json").read_text().splitlines() if ln.strip()]
+    assert [r["epoch"] for r in rows] == list(range(1, epochs + 1))
+    import pandas as pd
+
+    assert list(pd.read_csv(trial_dir / "progress.csv")["epoch"]) == list(range(1, epochs + 1))
+    assert _tensorboard_steps(trial_dir, "ray/tune/val_loss") == list(range(1, epochs + 1))
+    walls = [r["wall_time_s"] for r in rows]
+    assert walls == sorted(walls)  # the resumed attempt adds to the first one's time
+    assert "test_top5_error" in rows[-1]
 
 
 def test_a_stopped_sweep_lists_grid_points_never_started():

@@ -59,7 +59,7 @@ def _prepare(args, device: torch.device, n_rows: int):
 
     from raysweep.data import prepare
     from raysweep.synthetic import write_synthetic
-    from raysweep.train import load_split
+    from raysweep.device_data import load_split
 
     with tempfile.TemporaryDirectory(prefix="rs-bench-") as tmp:
         classes = 10
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         torch.backends.cudnn.benchmark = True
 
-    from raysweep.train import Runner
+    from raysweep.runner import Runner
 
     split = _prepare(args, device, max(args.hold, bs * (steps + warmup)))
     tc = TrainConfig(batch_size=bs, optimizer=args.optimizer, bf16=not args.no_bf16,

@@ -1,8 +1,8 @@
-"""Everything a trial needs from its data: sources, the one-time decode cache, and subsets."""
+"""Everything a trial needs from its data: sources and layouts, the one-time decode cache, subsets."""
 
 from raysweep.data.prepare import PreparedData, fast_square, pil_square, prepare, prepare_from_config
-from raysweep.data.source import SPLITS, Source, resolve_source
-from raysweep.data.subsets import stratified_subset
+from raysweep.data.source import SPLITS, Source, builtin_names, check_local_source, resolve_source
+from raysweep.data.subsets import carve_validation, stratified_subset
 
-__all__ = ["PreparedData", "SPLITS", "Source", "fast_square", "pil_square", "prepare",
-           "prepare_from_config", "resolve_source", "stratified_subset"]
+__all__ = ["PreparedData", "SPLITS", "Source", "builtin_names", "carve_validation", "check_local_source",
+           "fast_square", "pil_square", "prepare", "prepare_from_config", "resolve_source", "stratified_subset"]

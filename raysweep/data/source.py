@@ -1,13 +1,13 @@
-"""Resolve `--data SOURCE` to parquet files per split, class names and a fingerprint.
+"""Resolve `--data SOURCE` to parquet files per split, their columns, class names and a fingerprint.
 
 SOURCE is a Hugging Face dataset id (downloaded into the HF cache), a local directory in
-the hub's layout, or "synthetic" (generated once into the cache directory).
+one of the hub's layouts (`raysweep.data.layout`), "synthetic" (generated once into the
+cache directory) or `builtin:<name>` (a small set shipped with the package).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -18,9 +18,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raysweep.data.layout import SPLIT_ALIASES, describe_configs, find_layout, group_files, hub_patterns
 from raysweep.errors import RaysweepError
 
-SPLITS = ("train", "validation", "test")
+SPLITS = tuple(SPLIT_ALIASES)  # the splits of a prepared cache: train, validation, test
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
 # A hub id is `name` or `owner/name`; anything else (or anything that exists locally) is a path.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 SYNTHETIC_DEFAULTS = {"classes": 10, "train_per_class": 40, "val_per_class": 10,
@@ -36,88 +39,123 @@ class Source:
     files: dict[str, list[Path]]    # split -> parquet files, sorted (shard order = row order)
     class_names: list[str] | None   # from the ClassLabel metadata, if the files carry it
     fingerprint: str = field(default="")
+    image_column: str = "image"
+    label_column: str = "label"
+    config: str = ""                # the config folder read ("data", "plain_text", "." = top level)
+    split_names: dict[str, str] = field(default_factory=dict)  # split -> name on disk ("valid", ...)
+
+    @property
+    def has_validation(self) -> bool:
+        """False when the validation split must be carved from train at prepare time."""
+        return "validation" in self.files
 
 
 def looks_like_path(source: str) -> bool:
+    if source.startswith(BUILTIN_PREFIX):
+        return False
     return source.startswith((".", "/", "~")) or os.path.exists(source) or not _HUB_ID.match(source)
 
 
-def resolve_source(source: str, cache_dir: str | os.PathLike | None = None,
-                   synthetic: dict | None = None) -> Source:
-    """SOURCE -> `Source`. Paths are never sent to the hub; a bad path names itself."""
+def builtin_names() -> list[str]:
+    """The sets shipped with the package (folders under raysweep/data/builtin/)."""
+    return sorted(p.name for p in BUILTIN_DIR.iterdir() if p.is_dir() and (p / "README.md").is_file())
+
+
+def builtin_root(source: str) -> Path:
+    name = source[len(BUILTIN_PREFIX):]
+    names = builtin_names()
+    if name not in names:
+        raise RaysweepError(f"data source '{source}': no such built-in set "
+                            f"(built-in: {', '.join(BUILTIN_PREFIX + n for n in names) or 'none'})")
+    return BUILTIN_DIR / name
+
+
+def resolve_source(source: str, cache_dir: str | os.PathLike | None = None, synthetic: dict | None = None,
+                   *, config: str = "", image_column: str = "", label_column: str = "") -> Source:
+    """SOURCE -> `Source`. Paths are never sent to the hub; a bad path names itself.
+
+    `config`, `image_column` and `label_column` are data.config, data.image_column and
+    data.label_column ("" = detect). A layout problem raises one RaysweepError naming them all.
+    """
     source = str(source)
     if source == "synthetic":
         root = _synthetic_root(cache_dir, synthetic or {})
+    elif source.startswith(BUILTIN_PREFIX):
+        root = builtin_root(source)
     elif looks_like_path(source):
         root = Path(source).expanduser()
         if not root.exists():
             raise RaysweepError(f"data source '{source}': no such file or directory")
         if not root.is_dir():
-            raise RaysweepError(f"data source '{source}' is not a directory (expected a directory "
-                                "holding data/train-*.parquet, data/validation-*.parquet, data/test-*.parquet)")
+            raise RaysweepError(f"data source '{source}' is not a directory (expected a directory holding "
+                                "{config}/{split}-*.parquet, e.g. data/train-*.parquet, or {split}-*.parquet)")
     else:
-        root = _download_hub(source)
-    files = _split_files(root, source)
-    src = Source(name=source, root=root.resolve(), files=files, class_names=_class_names(files))
+        root = _download_hub(source, config)
+    root = root.resolve()
+    layout = find_layout(root, source, config, image_column, label_column)
+    src = Source(name=source, root=root, files=layout.files, class_names=layout.class_names,
+                 image_column=layout.image_column, label_column=layout.label_column,
+                 config=layout.config, split_names=layout.split_names)
     src.fingerprint = _fingerprint(src)
     return src
 
 
-def _split_files(root: Path, source: str) -> dict[str, list[Path]]:
-    files = {}
-    for split in SPLITS:
-        found = sorted((root / "data").glob(f"{split}-*.parquet")) or sorted(root.glob(f"{split}-*.parquet"))
-        if not found:
-            raise RaysweepError(f"data source '{source}': split '{split}' is missing: no {split}-*.parquet "
-                                f"in {root / 'data'} or {root}")
-        for path in found:
-            _check_schema(path, split)
-        files[split] = found
-    return files
-
-
-def _check_schema(path: Path, split: str) -> None:
-    try:
-        schema = pq.read_schema(path)
-    except Exception as err:  # pyarrow raises several types for a file that is not parquet
-        raise RaysweepError(f"split '{split}': cannot read parquet file {path}: {err}") from None
-    for name in ("image", "label"):
-        if name not in schema.names:
-            raise RaysweepError(f"split '{split}': {path} has no column '{name}' (columns: {', '.join(schema.names)})")
-    t = schema.field("image").type
-    if not (pa.types.is_binary(t) or pa.types.is_large_binary(t)
-            or (pa.types.is_struct(t) and t.get_field_index("bytes") >= 0 and t.get_field_index("path") >= 0)):
-        raise RaysweepError(f"split '{split}': column 'image' of {path} must be struct<bytes, path> or binary, got {t}")
-
-
-def _class_names(files: dict[str, list[Path]]) -> list[str] | None:
-    """ClassLabel names from the `huggingface` schema metadata of the first training file."""
-    raw = (pq.read_schema(files["train"][0]).metadata or {}).get(b"huggingface")
-    if not raw:
+def synthetic_params(data_cfg) -> dict | None:
+    """The synthetic set's shape from a DataConfig (None unless data.source is "synthetic")."""
+    if data_cfg.source != "synthetic":
         return None
-    try:
-        label = json.loads(raw)["info"]["features"]["label"]
-    except (ValueError, KeyError, TypeError):
-        return None
-    names = label.get("names") if isinstance(label, dict) else None
-    return [str(n) for n in names] if names else None
+    return {"classes": data_cfg.synthetic_classes, "train_per_class": data_cfg.synthetic_train_per_class,
+            "val_per_class": data_cfg.synthetic_val_per_class,
+            "test_per_class": data_cfg.synthetic_test_per_class, "seed": data_cfg.synthetic_seed}
 
 
-def read_labels(paths: list[Path], split: str) -> np.ndarray:
-    """The `label` column of one split, in row order, as int64 (reads no image bytes)."""
+def check_local_source(data_cfg) -> None:
+    """Refuse a bad local or built-in source (missing path, layout, columns) in well under a second.
+
+    Hub ids and "synthetic" pass: they need a download or a generator to be checked.
+    """
+    src = str(data_cfg.source)
+    if src == "synthetic" or not (src.startswith(BUILTIN_PREFIX) or looks_like_path(src)):
+        return
+    resolve_source(src, config=data_cfg.config, image_column=data_cfg.image_column,
+                   label_column=data_cfg.label_column)
+
+
+def read_labels(paths: list[Path], split: str, column: str = "label") -> np.ndarray:
+    """The label column of one split, in row order, as int64 (reads no image bytes)."""
     parts = []
     for path in paths:
         try:
-            table = pq.read_table(path, columns=["label"])
+            table = pq.read_table(path, columns=[column])
         except Exception as err:
-            raise RaysweepError(f"split '{split}': cannot read column 'label' of {path}: {err}") from None
-        col = table.column("label")
+            raise RaysweepError(f"split '{split}': cannot read column '{column}' of {path}: {err}") from None
+        col = table.column(column)
         if col.null_count:
-            raise RaysweepError(f"split '{split}': {path} has {col.null_count} rows without a label")
+            raise RaysweepError(f"split '{split}': {path} has {col.null_count} rows without a label "
+                                f"(column '{column}')")
         if not pa.types.is_integer(col.type):
-            raise RaysweepError(f"split '{split}': column 'label' of {path} must be integer, got {col.type}")
+            raise RaysweepError(f"split '{split}': column '{column}' of {path} must be integer, got {col.type}")
         parts.append(col.to_numpy().astype(np.int64))
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def check_label_range(split: str, paths: list[Path], labels: np.ndarray, num_classes: int,
+                      column: str = "label") -> None:
+    """A label outside [0, num_classes) is an error naming the file and its row there."""
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if not bad.size:
+        return
+    row, value = int(bad[0]), int(labels[bad[0]])
+    start = 0
+    for path in paths:
+        n = pq.ParquetFile(path).metadata.num_rows
+        if row < start + n:
+            break
+        start += n
+    hint = " (-1 is the hub's mark for 'no label': a split without labels cannot be scored)" if value == -1 else ""
+    raise RaysweepError(f"{path} row {row - start} (split '{split}' row {row}): label {value} in column "
+                        f"'{column}' is outside the class range [0, {num_classes}); {bad.size} such "
+                        f"row{'s' if bad.size > 1 else ''} in the split{hint}")
 
 
 def _fingerprint(src: Source) -> str:
@@ -154,19 +192,34 @@ def _synthetic_root(cache_dir, params: dict) -> Path:
     return root
 
 
-def _download_hub(repo_id: str) -> Path:
-    """Fetch the parquet shards of a hub dataset into the HF cache (honours HF_TOKEN, HF_HOME)."""
-    try:
-        from huggingface_hub import snapshot_download
+def _download_hub(repo_id: str, config: str = "") -> Path:
+    """Fetch the split files of a hub dataset (one config only) into the HF cache.
 
-        path = snapshot_download(repo_id, repo_type="dataset",
-                                 allow_patterns=["data/*.parquet", "*.parquet"],
-                                 token=os.environ.get("HF_TOKEN") or None)
+    Honours HF_TOKEN and HF_HOME. Without data.config, the repo's file list picks the config
+    first, so a repo with several is refused before anything is downloaded. Only split files
+    are fetched: a repo's extra splits (e.g. an unlabeled one) cost nothing.
+    """
+    token = os.environ.get("HF_TOKEN") or None
+    try:
+        from huggingface_hub import list_repo_files, snapshot_download
+
+        if not config:
+            try:
+                groups = group_files(list_repo_files(repo_id, repo_type="dataset", token=token))
+            except Exception:  # offline or no access: snapshot_download uses its cache or says why
+                groups = {}
+            if len(groups) > 1:
+                raise RaysweepError(f"data source '{repo_id}': several configs on the hub: choose one with "
+                                    f"data.config. Configs seen: {describe_configs(groups)}")
+            config = next(iter(groups), "")
+        path = snapshot_download(repo_id, repo_type="dataset", allow_patterns=hub_patterns(config), token=token)
+    except RaysweepError:
+        raise
     except Exception as err:
         kind = type(err).__name__
         raise RaysweepError(
             f"data source '{repo_id}': could not fetch it from the Hugging Face hub ({kind}: "
             f"{str(err).splitlines()[0] if str(err) else 'no detail'}). Check the network and HF_TOKEN, "
-            f"or pass a local directory holding data/train-*.parquet etc. (a path starting with ./ or /)"
+            f"or pass a local directory in the hub layout (a path starting with ./ or /)"
         ) from None
     return Path(path)

@@ -1,0 +1,80 @@
+"""A trial's images on its training device: each split held there as uint8 NHWC tensors (read
+once from the prepared cache through Ray Data), or streamed when it does not fit.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from raysweep.errors import RaysweepError
+
+
+class DeviceSplit:
+    """A split held on the device: uint8 NHWC images and int64 labels, in cache order."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(self, batch_size: int, order: torch.Generator | None = None) -> Iterator[tuple]:
+        n = len(self)
+        # One small host-to-device copy per epoch; the order generator stays on the CPU.
+        perm = torch.randperm(n, generator=order).to(self.images.device) if order is not None else None
+        for start in range(0, n, batch_size):  # no drop_last: the short batch counts by its size
+            if perm is None:
+                yield self.images[start:start + batch_size], self.labels[start:start + batch_size]
+            else:
+                sel = perm[start:start + batch_size]
+                yield self.images[sel], self.labels[sel]
+
+
+class StreamSplit:
+    """A split that does not fit on the device: streamed from Ray Data with deep prefetch."""
+
+    def __init__(self, source, n: int, device: torch.device, prefetch: int = 16):
+        self.source, self.n, self.device, self.prefetch = source, n, device, prefetch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def batches(self, batch_size: int, order: torch.Generator | None = None) -> Iterator[tuple]:
+        shuffle = {}
+        if order is not None:  # the seed comes from the trial's order generator: reproducible
+            shuffle = {"local_shuffle_buffer_size": 16 * batch_size,
+                       "local_shuffle_seed": int(torch.randint(2**31 - 1, (1,), generator=order))}
+        for b in self.source.iter_torch_batches(
+                batch_size=batch_size, device=self.device, prefetch_batches=self.prefetch,
+                dtypes={"image": torch.uint8, "label": torch.int64},
+                pin_memory=self.device.type == "cuda", **shuffle):
+            yield b["image"], b["label"]
+
+
+def load_split(source, n: int, device: torch.device, chunk: int = 1024) -> DeviceSplit:
+    """Copy a Ray Data split (Dataset or DataIterator, <= n rows) into device tensors, in order.
+
+    The tensors are allocated once at full size, so loading never needs twice the memory.
+    """
+    images = labels = None
+    filled = 0
+    for batch in source.iter_batches(batch_size=chunk, batch_format="numpy", prefetch_batches=4):
+        with warnings.catch_warnings():  # Ray's arrays are read-only; they are only copied from
+            warnings.simplefilter("ignore", UserWarning)
+            x = torch.from_numpy(np.ascontiguousarray(batch["image"], dtype=np.uint8))
+            y = torch.from_numpy(np.asarray(batch["label"], dtype=np.int64))
+        if images is None:
+            images = torch.empty((n, *x.shape[1:]), dtype=torch.uint8, device=device)
+            labels = torch.empty(n, dtype=torch.int64, device=device)
+        if filled + len(x) > n:
+            raise RuntimeError(f"split has more than the {n} rows announced")
+        images[filled:filled + len(x)].copy_(x, non_blocking=True)
+        labels[filled:filled + len(x)].copy_(y, non_blocking=True)
+        filled += len(x)
+    if not filled:
+        raise RaysweepError("a data split is empty: nothing to train or evaluate on")
+    return DeviceSplit(images[:filled], labels[:filled])

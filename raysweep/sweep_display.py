@@ -1,0 +1,127 @@
+"""The sweep's one display: a line per trial as it starts and ends, and a bar for the whole
+sweep (trials and epochs done, elapsed time, ETA). A Ray Tune callback in the driver.
+
+Epochs are counted once each, however often a restarted trial replays them. The ETA weighs
+each epoch by its training images, since an epoch of the full set costs 16 of a 1/16 subset;
+with early stopping the epoch total is a cap that shrinks as trials stop.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import TextIO
+
+from ray.tune import Callback
+
+from raysweep.console import Progress, format_duration
+
+
+def _pct(x) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
+
+
+class SweepDisplay(Callback):
+    """`plan` maps (fraction, seed) -> {"n_train": int, "max_epochs": int} for every grid point;
+    `metric` is the validation error shown (e.g. "val_top1_error"). `quiet` prints nothing."""
+
+    def __init__(self, plan: dict[tuple[float, int], dict], metric: str, *, quiet: bool = False,
+                 stream: TextIO | None = None, done: set | None = None):
+        self.plan, self.metric = plan, metric
+        self.stream = stream or sys.stdout
+        self.epochs: dict[str, set[int]] = {}
+        self.keys: dict[str, tuple[float, int]] = {}
+        self.used: list[float] = []  # epochs run / epoch cap, per finished trial
+        self.finished = set(done or ())  # grid points finished before a resume
+        self.finished_before = len(self.finished)
+        self.number: dict[str, int] = {}
+        self.work_done = 0.0
+        total = sum(p["max_epochs"] for key, p in plan.items() if key not in self.finished)
+        self.bar = Progress(total, "sweep", "epochs", stream=self.stream, every_s=30.0, enabled=not quiet,
+                            own_eta=False)
+        self._postfix()
+
+    # Tune pickles its RunConfig, callbacks included, into the experiment; a display belongs to
+    # the driver that made it (a resumed sweep makes a new one), so it pickles to nothing.
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__({}, "val_top1_error", quiet=True)
+
+    # --- what a trial is -------------------------------------------------------------
+    def _key(self, trial) -> tuple[float, int]:
+        return float(trial.config["fraction"]), int(trial.config["seed"])
+
+    def _label(self, trial) -> str:
+        f, s = self._key(trial)
+        n = self.plan.get((f, s), {}).get("n_train")
+        return f"fraction {f:<7g} seed {s:<3d} n_train {n:>7,}" if n else f"fraction {f:g} seed {s}"
+
+    def _tag(self, trial) -> str:
+        if trial.trial_id not in self.number:
+            self.number[trial.trial_id] = len(self.number) + self.finished_before + 1
+        width = len(str(len(self.plan)))
+        return f"[{self.number[trial.trial_id]:>{width}}/{len(self.plan)}]"
+
+    # --- Tune's hooks ------------------------------------------------------------------
+    def on_trial_start(self, iteration, trials, trial, **info):
+        key = self._key(trial)
+        self.keys[trial.trial_id] = key
+        self.epochs.setdefault(trial.trial_id, set())
+        cap = self.plan.get(key, {}).get("max_epochs")
+        self.bar.write(f"{self._tag(trial)} start  {self._label(trial)}  (up to {cap} epochs)" if cap else
+                       f"{self._tag(trial)} start  {self._label(trial)}")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        epoch = result.get("epoch")
+        seen = self.epochs.setdefault(trial.trial_id, set())
+        if epoch is None or epoch in seen:
+            return
+        seen.add(epoch)
+        self.work_done += result.get("n_train") or 1
+        self.bar.update(1)
+        if "stopped_early" in result:  # the last epoch: the rest of its cap will never run
+            cap = self.plan.get(self._key(trial), {}).get("max_epochs", len(seen))
+            self.bar.set_total(self.bar.total - max(0, cap - len(seen)))
+        self._postfix()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.finished.add(self._key(trial))
+        r = trial.last_result or {}
+        if r.get("max_epochs") and r.get("epoch"):
+            self.used.append(r["epoch"] / r["max_epochs"])
+        metric = r.get("select_metric", self.metric)
+        test = metric.replace("val_", "test_")
+        stop = "stopped early" if r.get("stopped_early") else "epoch cap"
+        learned = "" if r.get("learned", True) else "  NOT LEARNED (near chance)"
+        self.bar.write(
+            f"{self._tag(trial)} done   {self._label(trial)}  {r.get('epoch', '?')} epochs "
+            f"(best {r.get('best_epoch', '?')}, {stop})  {metric.replace('_', ' ')} {_pct(r.get('best_val_error'))}"
+            f"  {test.replace('_', ' ')} {_pct(r.get(test))}  {format_duration(r.get('wall_time_s'))}{learned}")
+        self._postfix()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.finished.add(self._key(trial))
+        self.bar.write(f"{self._tag(trial)} FAILED {self._label(trial)}: see {trial.path}/error.txt")
+        self._postfix()
+
+    def on_experiment_end(self, trials, **info):
+        self.bar.close()
+
+    # --- the bar -------------------------------------------------------------------------
+    def _postfix(self) -> None:
+        """ETA = elapsed / work done x work left, in training images. A trial's expected epochs
+        are its cap times the share of their caps that finished trials used (early stopping),
+        and never fewer than it has done."""
+        share = sum(self.used) / len(self.used) if self.used else 1.0
+        left = 0.0
+        for key, p in self.plan.items():
+            if key not in self.finished:
+                done = self._epochs_done(key)
+                left += p["n_train"] * max(0.0, max(done + 1, share * p["max_epochs"]) - done)
+        eta = self.bar.elapsed / self.work_done * left if self.work_done else None
+        self.bar.set_postfix(f"trials {len(self.finished)}/{len(self.plan)} done, ETA {format_duration(eta)}")
+
+    def _epochs_done(self, key: tuple[float, int]) -> int:
+        return max((len(seen) for tid, seen in self.epochs.items() if self.keys.get(tid) == key), default=0)

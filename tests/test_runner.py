@@ -1,0 +1,106 @@
+"""The trial's pure parts, without Ray: schedules, augmentation, evaluation, plateaus, the
+fp32 head, best-weight capture and the device split's batches."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from raysweep.config import TrainConfig
+from raysweep.device_data import DeviceSplit
+from raysweep.runner import BestWeights, Runner, augment, epochs_for_budget, lr_factor
+
+def test_step_schedule_and_warmup_follow_progress():
+    tc = TrainConfig(epochs=90, schedule="step", step_epochs=30, step_gamma=0.1, lr=0.01)
+    f = lr_factor(tc, total_steps=90 * 10)  # 10 steps per epoch
+    assert [f(s) for s in (0, 299, 300, 599, 600, 899)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    # "steps" budget: a subset 16x smaller runs 16x the epochs; the lr still drops after 1/3 of the run.
+    tc = TrainConfig(epochs=90, budget="steps", batch_size=128, step_epochs=30)
+    n_epochs = epochs_for_budget(tc, 3125, 50_000)
+    assert n_epochs == round(90 * 391 / 25)  # 391 steps per full pass, 25 per subset pass
+    f = lr_factor(tc, n_epochs * 25)
+    third = n_epochs * 25 // 3
+    assert f(third - 1) == 1.0 and f(third + 1) == pytest.approx(0.1)
+    assert epochs_for_budget(TrainConfig(epochs=90), 3125, 50_000) == 90
+    warm = lr_factor(TrainConfig(epochs=10, schedule="cosine", warmup_epochs=2), total_steps=100)
+    assert warm(0) == pytest.approx(0.05 * (0.5 * (1 + math.cos(0))))  # 1 of 20 warm-up steps
+    assert warm(9) < warm(19) and warm(20) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.2)))
+    assert warm(100) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_augment_is_seeded_random_resized_crop_and_flip():
+    ramp = torch.arange(64, dtype=torch.uint8).repeat(64, 1)  # value = x coordinate
+    x = ramp[None, :, :, None].expand(16, 64, 64, 3).contiguous()
+
+    def run(seed, **kw):
+        return augment(x, torch.Generator().manual_seed(seed), kw.get("scale_min", 0.35), kw.get("hflip", True))
+
+    a, b, c = run(0), run(0), run(1)
+    assert a.shape == (16, 3, 64, 64) and a.dtype == torch.float32
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.min() >= 0 and a.max() <= 63  # bilinear: within the input's range
+    slope = (a[:, 0, 32, -1] - a[:, 0, 32, 0]).sign()
+    assert (slope > 0).any() and (slope < 0).any()  # some images flipped, some not
+    assert (run(0, hflip=False)[:, 0, 32, -1] > run(0, hflip=False)[:, 0, 32, 0]).all()
+    # A crop keeps >= sqrt(scale_min * 3/4) of the width (area >= scale_min, aspect >= 3/4).
+    span = (a[:, 0, 32, -1] - a[:, 0, 32, 0]).abs()
+    assert (span >= math.sqrt(0.35 * 3 / 4) * 63 * 0.95 - 2).all() and (span < 60).any()
+
+
+def test_evaluate_counts_every_row_once():
+    torch.manual_seed(0)
+    split = DeviceSplit(torch.randint(0, 256, (37, 64, 64, 3), dtype=torch.uint8), torch.randint(0, 7, (37,)))
+    runner = Runner(TrainConfig(eval_batch_size=16), num_classes=7, seed=0, device=torch.device("cpu"),
+                    total_steps=10, model=("alexnet", 0.25))
+    got = runner.evaluate(split)  # batches of 16, 16 and 5
+    runner.model.eval()
+    with torch.no_grad():
+        logits = runner.model(runner.inputs(split.images, train=False))
+    assert got["loss"] == pytest.approx(F.cross_entropy(logits, split.labels).item(), rel=1e-5)
+    want = float((logits.argmax(1) != split.labels).float().mean())
+    assert got["top1_error"] == pytest.approx(want)
+
+
+def _runner(**train) -> Runner:
+    tc = TrainConfig(**{"batch_size": 8, "eval_batch_size": 16, "optimizer": "sgd", "lr": 0.1, **train})
+    return Runner(tc, num_classes=5, seed=0, device=torch.device("cpu"), total_steps=100, model=("alexnet", 0.125))
+
+
+def test_a_plateau_drop_scales_the_lr_now_and_survives_a_checkpoint():
+    runner = _runner(schedule="constant")
+    assert runner.opt.param_groups[0]["lr"] == pytest.approx(0.1)
+    runner.drop_lr(0.2)
+    assert runner.opt.param_groups[0]["lr"] == pytest.approx(0.02)  # applies before the next step
+    split = DeviceSplit(torch.randint(0, 256, (16, 64, 64, 3), dtype=torch.uint8), torch.arange(16) % 5)
+    out = runner.train_epoch(split)
+    assert out["lr"] == pytest.approx(0.02) and out["steps"] == 2 and out["time_train_s"] > 0
+    again = _runner(schedule="constant")
+    again.load_state_dict(runner.state_dict())
+    assert again.lr_scale == pytest.approx(0.2) and again.steps == 2
+    again.train_epoch(split)
+    assert again.opt.param_groups[0]["lr"] == pytest.approx(0.02)
+
+
+def test_best_weights_are_a_copy_not_a_view():
+    runner = _runner()
+    best = BestWeights(runner.model)
+    best.capture(runner.model)
+    before = {k: v.clone() for k, v in best.ready().items()}
+    with torch.no_grad():
+        for p in runner.model.parameters():
+            p.add_(1.0)
+    after = best.ready()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not torch.equal(after["classifier.6.weight"], runner.model.state_dict()["classifier.6.weight"])
+
+
+def test_device_split_batches_cover_every_row_once_in_a_seeded_order():
+    split = DeviceSplit(torch.zeros((23, 2, 2, 3), dtype=torch.uint8), torch.arange(23))
+    plain = [y for _, y in split.batches(10)]
+    assert [len(y) for y in plain] == [10, 10, 3] and torch.equal(torch.cat(plain), torch.arange(23))
+    order = lambda: torch.cat([y for _, y in split.batches(10, order=torch.Generator().manual_seed(3))])
+    a, b = order(), order()
+    assert torch.equal(a, b) and sorted(a.tolist()) == list(range(23)) and not torch.equal(a, torch.arange(23))
