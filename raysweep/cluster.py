@@ -99,14 +99,12 @@ def plan_resources(*, cluster_cpus: float, cluster_gpus: float, gpus_per_trial: 
         raise RaysweepError(
             f"--gpus-per-trial {float(gpus_per_trial):g} asked for, but no GPU is available "
             "(pass --gpus-per-trial 0 to train on the CPU)")
-    spare_cpus = cluster_cpus - DATA_CPUS
-    concurrent = int(spare_cpus // cpus_per_trial)
+    # A CPU trial reads its data with tasks that hold no CPU (PreparedData.dataset), once, at
+    # its start: no CPU needs keeping free for Ray Data, so every core can train a trial.
+    concurrent = int(cluster_cpus // cpus_per_trial)
     if concurrent < 1:
         raise RaysweepError(
-            f"the cluster has {cluster_cpus:g} CPU(s): a CPU trial needs sweep.cpus_per_trial="
-            f"{cpus_per_trial} plus {DATA_CPUS} kept free for Ray Data")
-    # Input is loaded once at trial start, after which the CPUs kept for Ray Data sit idle,
-    # so each concurrent trial's torch may use its share of the host's cores.
+            f"the cluster has {cluster_cpus:g} CPU(s): a CPU trial needs sweep.cpus_per_trial={cpus_per_trial}")
     cores = host_cpus or int(cluster_cpus)
     threads = max(cpus_per_trial, cores // concurrent)
     return ResourcePlan(False, 1, 0.0, cpus_per_trial, concurrent, threads)

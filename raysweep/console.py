@@ -27,8 +27,16 @@ def quiet_ray_logs() -> None:
     Ray Data INFO blocks. Call before `ray.init`; `--verbose` CLIs skip it."""
     import logging
 
+    plain_ray_output()
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def plain_ray_output() -> None:
+    """No ANSI colour in what Ray prints (its `(raylet)` / `(pid=...)` prefixes) unless stdout is
+    a terminal. Call before `ray.init`; a value the user set wins."""
+    if not interactive(sys.stdout):
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
 
 def format_duration(seconds: float | None) -> str:

@@ -1,16 +1,19 @@
 """Classification metrics for one trial: top-k error and sample-weighted epoch aggregates.
 
-Pure torch, no Ray: the loop, the benchmark and the tests share these definitions.
+Pure torch, no Ray: the loop, the benchmark and the tests share these definitions. torch is
+imported where it is used, so the class-count rule below is free for processes that never train.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
-def top_k_wrong(logits: torch.Tensor, targets: torch.Tensor, k: int) -> torch.Tensor:
+def top_k_wrong(logits: "torch.Tensor", targets: "torch.Tensor", k: int) -> "torch.Tensor":
     """Number of rows whose target is not among the k largest logits, as a 0-d tensor.
 
     Stays on the logits' device so a training loop can accumulate it without a sync.
@@ -22,13 +25,13 @@ def top_k_wrong(logits: torch.Tensor, targets: torch.Tensor, k: int) -> torch.Te
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if k >= logits.shape[1]:
-        return torch.zeros((), dtype=torch.int64, device=logits.device)
+        return logits.new_zeros((), dtype=targets.dtype)
     top = logits.topk(k, dim=1).indices
     hit = (top == targets.unsqueeze(1)).any(dim=1)
     return (~hit).sum()
 
 
-def top_k_error(logits: torch.Tensor, targets: torch.Tensor, k: int) -> float:
+def top_k_error(logits: "torch.Tensor", targets: "torch.Tensor", k: int) -> float:
     """Fraction in [0, 1] of rows whose target is not among the k largest logits."""
     n = logits.shape[0]
     if n == 0:
@@ -46,23 +49,23 @@ class Meter:
     """
 
     def __init__(self) -> None:
-        self.sums: dict[str, torch.Tensor | float] = {}
+        self.sums: dict[str, "torch.Tensor | float"] = {}
         self.weights: dict[str, int] = {}
 
-    def _add(self, name: str, n: int, total: torch.Tensor | float) -> None:
+    def _add(self, name: str, n: int, total: "torch.Tensor | float") -> None:
         if n <= 0:
             raise ValueError(f"a batch must hold at least one sample, got n={n}")
         self.sums[name] = self.sums.get(name, 0.0) + total
         self.weights[name] = self.weights.get(name, 0) + n
 
-    def update(self, n: int, **batch_means: torch.Tensor | float) -> None:
+    def update(self, n: int, **batch_means: "torch.Tensor | float") -> None:
         for name, mean in batch_means.items():
-            self._add(name, n, mean.detach().double() * n if isinstance(mean, torch.Tensor) else float(mean) * n)
+            self._add(name, n, mean.detach().double() * n if hasattr(mean, "detach") else float(mean) * n)
 
-    def add_counts(self, n: int, **counts: torch.Tensor | int) -> None:
+    def add_counts(self, n: int, **counts: "torch.Tensor | int") -> None:
         """Like `update`, for per-batch counts (e.g. `top_k_wrong`) instead of means: exact."""
         for name, c in counts.items():
-            self._add(name, n, c.detach().double() if isinstance(c, torch.Tensor) else float(c))
+            self._add(name, n, c.detach().double() if hasattr(c, "detach") else float(c))
 
     @property
     def samples(self) -> int:
@@ -76,6 +79,7 @@ class Meter:
 
     def all_reduce(self) -> None:
         """Sum sums and sample counts across data-parallel workers (no-op without a process group)."""
+        import torch
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:

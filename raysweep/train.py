@@ -1,4 +1,4 @@
-"""One trial: the `TorchTrainer` worker loop (`train_loop_per_worker`) and `build_trainer()`.
+"""One trial's worker loop (`train_loop_per_worker`), run by Ray Train on each of its workers.
 
 Each epoch trains, evaluates, decides on early stopping and on a checkpoint, and reports once
 with where its time went. Checkpoints are written straight into the Train run directory (no
@@ -14,22 +14,17 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from raysweep.config import Config, ModelConfig, TrainConfig
+from raysweep.config import ModelConfig, TrainConfig
 from raysweep.device_data import StreamSplit, load_split
 from raysweep.errors import RaysweepError
-from raysweep.metrics import clearly_below_chance, primary_k, select_metric
+from raysweep.metrics import clearly_below_chance, primary_k
 from raysweep.model import describe
 from raysweep.runner import BestWeights, Runner, epochs_for_budget
-
-if TYPE_CHECKING:
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
 STATE_FILE = "state.pt"  # model, optimizer, scheduler, RNG states, epoch, best-so-far
 BEST_FILE = "best_model.pt"  # the best-validation weights (the final checkpoint holds only these)
@@ -44,14 +39,6 @@ HOST_DATA_SHARE = 0.5
 
 class InjectedFailure(RuntimeError):
     """Raised by `train.fail_at_epoch` to exercise resume."""
-
-
-def checkpoint_config(keep: int = 1) -> "ray.train.CheckpointConfig":
-    """Keep the `keep` latest checkpoints. Each one carries the best weights so far, so the
-    latest alone serves both resume and the best-validation test."""
-    from ray.train import CheckpointConfig
-
-    return CheckpointConfig(num_to_keep=max(1, int(keep)))
 
 
 def load_best_weights(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
@@ -125,8 +112,20 @@ def _load_data(config: dict, rank: int, world: int, device: torch.device, batch_
     return splits
 
 
+def _import_in_background(module: str):
+    """Start importing `module` in a thread; join it before use. torchvision takes ~1.5 s on a
+    small CPU and is first needed by the model, after the data has loaded: overlap the two."""
+    import importlib
+    import threading
+
+    thread = threading.Thread(target=importlib.import_module, args=(module,), daemon=True)
+    thread.start()
+    return thread
+
+
 def train_loop_per_worker(config: dict) -> None:
     t_enter = time.time()
+    models = _import_in_background("torchvision.models")
     import ray.train
     import ray.train.torch
     from ray.train import CheckpointUploadMode
@@ -162,6 +161,7 @@ def train_loop_per_worker(config: dict) -> None:
     splits = _load_data(config, rank, world, device, tc.batch_size, tc.eval_batch_size)
     time_data_load_s = time.time() - t_data
     n_shard = len(splits["train"])
+    models.join()
     max_epochs = epochs_for_budget(tc, n_shard, max(n_shard, config["n_full"] // world))
     wrap = (lambda m: ray.train.torch.prepare_model(m, move_to_device=False)) if world > 1 else None
     runner = Runner(tc, num_classes, seed, device, max_epochs * math.ceil(n_shard / tc.batch_size), rank,
@@ -291,52 +291,3 @@ def _final_metrics(runner: Runner, test_split, best_weights: BestWeights, best_e
             "best_val_top5_error": best["val_top5_error"], "select_metric": metric,
             "best_val_error": best[metric], "num_classes": num_classes,
             "learned": bool(clearly_below_chance(best[f"val_top{k}_error"], num_classes, n_val, k=k))}
-
-
-def build_trainer(cfg: Config, prepared, fraction: float, seed: int, *, use_gpu: bool,
-                  gpus_per_worker: float = 1.0, num_workers: int = 1,
-                  run_config: "ray.train.RunConfig | None" = None, token: str = "",
-                  trial_start: float | None = None, precision: str | None = None,
-                  reserve_bytes: int | None = None) -> "TorchTrainer":
-    """A `TorchTrainer` for one (fraction, seed) trial over a `PreparedData`.
-
-    The workers read their own data (see `_load_data`): a trial passes Train no datasets, so
-    Train starts no split coordinator, and reads happen on the node that trains.
-    """
-    import uuid
-
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from raysweep.data import stratified_subset
-    from raysweep.gpu import DEFAULT_RESERVE_BYTES
-
-    if use_gpu and not gpus_per_worker > 0:
-        raise RaysweepError(f"use_gpu needs a positive GPU share per worker, got {gpus_per_worker}")
-    if num_workers < 1:
-        raise RaysweepError(f"a trial needs at least one worker, got num_workers={num_workers}")
-    labels = prepared.labels("train")
-    n_train = len(stratified_subset(labels, fraction, seed))
-    if n_train < num_workers:
-        raise RaysweepError(f"fraction {fraction:g} holds {n_train} training images: fewer than the "
-                            f"{num_workers} workers of a trial")
-    config = {"train": asdict(cfg.train), "model": asdict(cfg.model), "fraction": float(fraction),
-              "seed": int(seed), "prepared": prepared, "num_classes": int(prepared.num_classes),
-              "n_train": n_train, "n_full": len(labels), "n_val": len(prepared.labels("validation")),
-              "n_test": len(prepared.labels("test")), "image_size": int(prepared.image_size),
-              "select_metric": select_metric(cfg.train.select_metric, prepared.num_classes),
-              "checkpoint_every": cfg.sweep.checkpoint_every, "token": token or uuid.uuid4().hex,
-              "trial_start": trial_start or time.time(), "precision": precision,
-              "gpu_share": gpus_per_worker if use_gpu else 0.0,
-              "reserve_bytes": int(reserve_bytes or DEFAULT_RESERVE_BYTES)}
-    resources = {"CPU": cfg.sweep.cpus_per_trial, **({"GPU": gpus_per_worker} if use_gpu else {})}
-    if run_config is None:
-        run_config = RunConfig(
-            name=f"{cfg.name}_f{fraction:g}_s{seed}",
-            storage_path=str(Path(cfg.sweep.storage_path).expanduser().resolve()),
-            checkpoint_config=checkpoint_config(cfg.sweep.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=cfg.sweep.max_failures))
-    return TorchTrainer(
-        train_loop_per_worker, train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=run_config)

@@ -33,7 +33,7 @@ def test_stream_split_delivers_the_same_rows(ray_session):
 
     imgs = np.arange(23 * 4 * 4 * 3, dtype=np.int64).reshape(23, 4, 4, 3) % 251
     ds = ray.data.from_items([{"image": imgs[i].astype(np.uint8), "label": i} for i in range(23)])
-    ds.context.execution_options.preserve_order = True  # as build_trainer's DataConfig sets it
+    ds.context.execution_options.preserve_order = True  # as PreparedData.dataset sets it
     stream = StreamSplit(ds, 23, torch.device("cpu"))
     plain = [(x, y) for x, y in stream.batches(10)]
     assert [len(y) for _, y in plain] == [10, 10, 3]
@@ -85,7 +85,7 @@ def run_trial(prepared, tmp_path: Path, name: str, fraction: float = 1.0, keep=N
     import ray.train
 
     from raysweep.config import Config
-    from raysweep.train import build_trainer
+    from raysweep.trainer import build_trainer
 
     cfg = Config.from_dict({"name": name, "data": {"image_size": 64}, "model": {"width": 0.25}, "train": {
         "epochs": 2, "batch_size": 16, "eval_batch_size": 64, "optimizer": "adamw", "lr": 1e-3,

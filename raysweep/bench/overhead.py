@@ -50,7 +50,9 @@ def _config(a, work: Path) -> Path:
            "model": {"name": "alexnet", "width": a.width},
            "train": {"epochs": a.epochs, "batch_size": a.batch_size, "eval_batch_size": 128,
                      "optimizer": "adamw", "lr": 1e-3, "schedule": "constant", "patience": 0},
-           "sweep": {"fractions": a.fractions, "seeds": [0], "gpus_per_trial": 0,
+           # One trial at a time with every core: its start-up is measured alone, and the loop
+           # outside Ray gets the same threads.
+           "sweep": {"fractions": a.fractions, "seeds": [0], "gpus_per_trial": 0, "cpus_per_trial": os.cpu_count() or 1,
                      "checkpoint_every": a.checkpoint_every, "storage_path": str(work / "results")}}
     import yaml
 

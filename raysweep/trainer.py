@@ -1,0 +1,144 @@
+"""The Ray Train side of a trial: `build_trainer()` and what it needs, without importing torch.
+
+A trial function (in a Tune actor) builds the trainer, and Train's controller (an actor of its
+own) unpickles its backend; neither trains, so neither should pay torch's import, seconds on a
+small machine and on every trial. The workers import torch with the loop (`raysweep.train`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ray.train import UserCallback
+from ray.train.backend import Backend, BackendConfig
+
+from raysweep.config import Config
+from raysweep.errors import RaysweepError
+from raysweep.metrics import select_metric
+
+if TYPE_CHECKING:
+    import ray.train
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+
+def checkpoint_config(keep: int = 1) -> "ray.train.CheckpointConfig":
+    """Keep the `keep` latest checkpoints. Each one carries the best weights so far, so the
+    latest alone serves both resume and the best-validation test."""
+    from ray.train import CheckpointConfig
+
+    return CheckpointConfig(num_to_keep=max(1, int(keep)))
+
+
+class _DeviceContext:
+    """Around the worker's loop: Ray's torch context (the default CUDA device), imported there."""
+
+    def __enter__(self):
+        from ray.train.torch.config import TorchConfigContextManager
+
+        self._inner = TorchConfigContextManager()
+        return self._inner.__enter__()
+
+    def __exit__(self, *exc):
+        return self._inner.__exit__(*exc)
+
+
+class SweepBackend(Backend):
+    """Ray's torch backend where a process group is needed (several workers), nothing otherwise:
+    a one-worker trial has no peer to talk to."""
+
+    def on_start(self, worker_group, backend_config: "SweepBackendConfig") -> None:
+        if len(worker_group) > 1:
+            from ray.train.torch.config import TorchConfig, _TorchBackend
+
+            _TorchBackend().on_start(worker_group, TorchConfig(timeout_s=backend_config.timeout_s))
+
+    def on_shutdown(self, worker_group, backend_config: "SweepBackendConfig") -> None:
+        if len(worker_group) > 1:
+            from ray.train.torch.config import TorchConfig, _TorchBackend
+
+            _TorchBackend().on_shutdown(worker_group, TorchConfig(timeout_s=backend_config.timeout_s))
+
+
+class SweepBackendConfig(BackendConfig):
+    """Ray Train's backend config for a trial (in place of TorchConfig, whose module imports torch)."""
+
+    timeout_s: int = 1800
+
+    @property
+    def backend_cls(self):
+        return SweepBackend
+
+    @property
+    def train_func_context(self):
+        return _DeviceContext
+
+
+class ForwardReports(UserCallback):
+    """In Train's controller: put each report (rank 0's metrics) in the trial's queue, which
+    is unbounded, so the controller never waits on Tune to take it."""
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        self.queue.put(dict(metrics[0]))
+
+
+def _worker_loop(config: dict) -> None:
+    """The worker's entry: the loop and torch load here, in the process that trains."""
+    from raysweep.train import train_loop_per_worker
+
+    train_loop_per_worker(config)
+
+
+def build_trainer(cfg: Config, prepared, fraction: float, seed: int, *, use_gpu: bool,
+                  gpus_per_worker: float = 1.0, num_workers: int = 1,
+                  run_config: "ray.train.RunConfig | None" = None, token: str = "",
+                  trial_start: float | None = None, precision: str | None = None,
+                  reserve_bytes: int | None = None) -> "DataParallelTrainer":
+    """The trainer of one (fraction, seed) trial over a `PreparedData`: Ray Train's data-parallel
+    trainer running `raysweep.train.train_loop_per_worker` with a torch backend (SweepBackend).
+
+    The workers read their own data (see `_load_data`): a trial passes Train no datasets, so
+    Train starts no split coordinator, and reads happen on the node that trains.
+    """
+    import uuid
+
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    from raysweep.data import stratified_subset
+    from raysweep.gpu import DEFAULT_RESERVE_BYTES
+
+    if use_gpu and not gpus_per_worker > 0:
+        raise RaysweepError(f"use_gpu needs a positive GPU share per worker, got {gpus_per_worker}")
+    if num_workers < 1:
+        raise RaysweepError(f"a trial needs at least one worker, got num_workers={num_workers}")
+    labels = prepared.labels("train")
+    n_train = len(stratified_subset(labels, fraction, seed))
+    if n_train < num_workers:
+        raise RaysweepError(f"fraction {fraction:g} holds {n_train} training images: fewer than the "
+                            f"{num_workers} workers of a trial")
+    config = {"train": asdict(cfg.train), "model": asdict(cfg.model), "fraction": float(fraction),
+              "seed": int(seed), "prepared": prepared, "num_classes": int(prepared.num_classes),
+              "n_train": n_train, "n_full": len(labels), "n_val": len(prepared.labels("validation")),
+              "n_test": len(prepared.labels("test")), "image_size": int(prepared.image_size),
+              "select_metric": select_metric(cfg.train.select_metric, prepared.num_classes),
+              "checkpoint_every": cfg.sweep.checkpoint_every, "token": token or uuid.uuid4().hex,
+              "trial_start": trial_start or time.time(), "precision": precision,
+              "gpu_share": gpus_per_worker if use_gpu else 0.0,
+              "reserve_bytes": int(reserve_bytes or DEFAULT_RESERVE_BYTES)}
+    resources = {"CPU": cfg.sweep.cpus_per_trial, **({"GPU": gpus_per_worker} if use_gpu else {})}
+    if run_config is None:
+        run_config = RunConfig(
+            name=f"{cfg.name}_f{fraction:g}_s{seed}",
+            storage_path=str(Path(cfg.sweep.storage_path).expanduser().resolve()),
+            checkpoint_config=checkpoint_config(cfg.sweep.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=cfg.sweep.max_failures))
+    return DataParallelTrainer(
+        _worker_loop, train_loop_config=config, backend_config=SweepBackendConfig(),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=run_config)
