@@ -9,7 +9,11 @@
 # Toolkit. A CUDA or Ray GPU base would add a second CUDA toolkit (and, for Ray's image,
 # a conda Python) that nothing here uses. Pin a digest too (`@sha256:...`) if you need
 # byte-identical rebuilds.
-FROM python:3.11.13-slim-bookworm
+# Where Docker Hub cannot be reached, `make docker-build` (docker/offline.sh) passes BASE_IMAGE:
+# a local stand-in with the same role (Debian bookworm + Debian's CPython 3.11,
+# `make docker-base-offline`).
+ARG BASE_IMAGE=python:3.11.13-slim-bookworm
+FROM ${BASE_IMAGE}
 
 # The nvidia runtime mounts only the driver libraries named here: CUDA compute and
 # nvidia-smi/NVML (Ray counts GPUs through NVML). Which GPUs a container sees is left to
@@ -17,11 +21,18 @@ FROM python:3.11.13-slim-bookworm
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     RAY_USAGE_STATS_ENABLED=0
 
 # Dependencies first, from the same requirements.txt that `make install` uses (through
-# pyproject.toml), so a code edit rebuilds only the layers below this one.
+# pyproject.toml), so a code edit rebuilds only the layers below this one. Only the runtime
+# pins: no test extras, no pip cache, no compilers (every dependency ships a wheel).
+# pip reads its source from these build args: unset, PyPI; offline (docker/offline.sh),
+# PIP_NO_INDEX=1 and PIP_FIND_LINKS=<a wheelhouse built on the host, served on its loopback to
+# a `--network host` build>. Build args, not ENV: the image's environment keeps neither.
+ARG PIP_NO_INDEX
+ARG PIP_FIND_LINKS
 COPY requirements.txt /tmp/requirements.txt
 RUN pip install --no-cache-dir -r /tmp/requirements.txt && rm /tmp/requirements.txt
 

@@ -12,8 +12,9 @@ help:
 	@echo "make test         run the test suite on the CPU (installs first if needed)"
 	@echo "make demo         run a small sweep on synthetic data, then the scaling analysis"
 	@echo "make bench        data-path and training-loop benchmarks (ratios measured side by side)"
-	@echo "make test-docker  container tests through the Docker SDK (needs a Docker engine)"
+	@echo "make test-docker  container tests through the Docker SDK (starts dockerd if it can)"
 	@echo "make docker-build | docker-run ARGS=... | docker-run-cpu | docker-down | docker-logs"
+	@echo "make docker-base-offline | docker-wheelhouse   what offline image builds use"
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,8 +27,10 @@ install: $(STAMP)
 test: install
 	$(BIN)/python -m pytest -m "not docker" $(PYTEST_ARGS)
 
+# Starts dockerd for the run where none answers and this machine can (root, docker.io), and
+# builds on the offline base where Docker Hub cannot be reached (see the container section).
 test-docker: install
-	$(BIN)/python -m pytest -m docker -v $(PYTEST_ARGS)
+	$(OFFLINE_ENV) docker/engine.sh run docker/offline.sh run $(BIN)/python -m pytest -m docker -v $(PYTEST_ARGS) tests/test_docker_sdk.py
 
 # Each demo is a new experiment (results are never overwritten); results/demo-latest points at it.
 DEMO_NAME := demo-$(shell date +%Y%m%d-%H%M%S)
@@ -46,6 +49,8 @@ clean:
 
 # --- containers (see README "Running on a GPU cluster") ---------------------
 DOCKER     ?= docker
+# Compose v2. Debian's docker-compose v1 cannot read these files: it rejects the top-level
+# `name` and the `environment:` source of the token secret.
 COMPOSE    ?= $(DOCKER) compose
 IMAGE      ?= raysweep:latest
 WORKERS    ?= 1
@@ -56,11 +61,31 @@ ARGS       ?=
 # once (as `ray get-auth-token --generate` does). Compose copies it into each container.
 RAY_AUTH_TOKEN_FILE ?= $(HOME)/.ray/auth_token
 WITH_TOKEN = RAY_AUTH_TOKEN="$${RAY_AUTH_TOKEN:-$$(cat $(RAY_AUTH_TOKEN_FILE))}" RAYSWEEP_IMAGE=$(IMAGE)
+# Image builds without Docker Hub (and without PyPI inside containers): a local stand-in base
+# image and a wheelhouse built by the host's pip. OFFLINE=auto uses them when the Dockerfile's
+# base image can be neither found nor pulled; OFFLINE=1 or OFFLINE=0 forces the choice.
+OFFLINE      ?= auto
+OFFLINE_BASE ?= python-standin:3.11-bookworm-local
+WHEELHOUSE   ?= .cache/docker/wheelhouse
+OFFLINE_ENV   = OFFLINE=$(OFFLINE) OFFLINE_BASE=$(OFFLINE_BASE) WHEELHOUSE=$(WHEELHOUSE) DOCKER="$(DOCKER)" \
+                WHEEL_PYTHON=$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
 
-.PHONY: docker-build docker-token docker-run docker-run-cpu docker-down docker-logs
+.PHONY: docker-build docker-base-offline docker-wheelhouse docker-compose-v2 docker-token \
+        docker-run docker-run-cpu docker-down docker-logs
 
 docker-build:
-	$(DOCKER) build -t $(IMAGE) .
+	$(OFFLINE_ENV) docker/offline.sh build $(IMAGE)
+
+# Debian bookworm + Debian's CPython 3.11 from the Debian archive (root, debootstrap).
+docker-base-offline:
+	docker/base-offline.sh $(OFFLINE_BASE)
+
+docker-wheelhouse:
+	$(OFFLINE_ENV) docker/offline.sh wheelhouse
+
+docker-compose-v2:
+	@$(COMPOSE) version >/dev/null 2>&1 || { echo "these targets need Compose v2 (\`$(COMPOSE)\`), which is not installed;" \
+	  "docker-compose v1 cannot read the compose files. \`make test-docker\` runs the same containers without compose."; exit 2; }
 
 docker-token:
 	@test -n "$$RAY_AUTH_TOKEN" || test -s $(RAY_AUTH_TOKEN_FILE) || { \
@@ -69,18 +94,18 @@ docker-token:
 	  echo "wrote a new Ray auth token to $(RAY_AUTH_TOKEN_FILE)"; }
 
 # Head and workers first (healthy), then the sweep; the cluster stays up for the dashboard.
-docker-run: docker-build docker-token
+docker-run: docker-compose-v2 docker-build docker-token
 	$(WITH_TOKEN) $(COMPOSE) -f docker-compose.yml up -d --wait --scale ray-worker=$(WORKERS) ray-head ray-worker
 	$(WITH_TOKEN) $(COMPOSE) -f docker-compose.yml run --rm sweep --config $(CONFIG) $(ARGS)
 
-docker-run-cpu: docker-build docker-token
+docker-run-cpu: docker-compose-v2 docker-build docker-token
 	$(WITH_TOKEN) $(COMPOSE) -f docker-compose.cpu.yml up -d --wait --scale ray-worker=$(WORKERS) ray-head ray-worker
 	$(WITH_TOKEN) $(COMPOSE) -f docker-compose.cpu.yml run --rm sweep --config $(CPU_CONFIG) $(ARGS)
 
 # Both files are the one compose project "raysweep". Volumes (results, caches) are kept:
 # `docker compose down -v` would delete them.
-docker-down:
+docker-down: docker-compose-v2
 	RAY_AUTH_TOKEN=unused $(COMPOSE) -f docker-compose.yml down --remove-orphans
 
-docker-logs:
+docker-logs: docker-compose-v2
 	RAY_AUTH_TOKEN=unused $(COMPOSE) -f docker-compose.yml logs --follow --tail=200

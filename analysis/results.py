@@ -14,16 +14,23 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from raysweep.errors import RaysweepError
 
 EPOCH_METRICS = ["lr", "train_loss", "train_top1_error", "train_top5_error", "val_loss",
                  "val_top1_error", "val_top5_error", "images_per_sec"]
+# Where each epoch's time went, and the attempt's start-up (the same on every row of an attempt).
+# Experiments made before these were reported lack them; every reader treats them as optional.
+TIME_METRICS = ["steps", "time_train_s", "time_eval_s", "time_test_s", "time_checkpoint_s", "time_epoch_s",
+                "checkpointed", "wall_time_s", "time_to_first_step_s", "time_startup_s", "time_data_load_s"]
 FINAL_METRICS = ["test_loss", "test_top1_error", "test_top5_error", "best_val_top5_error"]
+# The final report's description of the trial (optional too): what ran and how it ended.
+FINAL_INFO = ["steps", "select_metric", "best_val_error", "stopped_early", "max_epochs", "num_classes",
+              "num_params", "model", "wall_time_s"]
 VAL_METRICS = ["val_loss", "val_top1_error", "val_top5_error"]
 ERROR_METRICS = ["val_top1_error", "val_top5_error", "test_top1_error", "test_top5_error"]
 CONFIG_FILE = "raysweep_config.json"
+MANIFEST_FILE = "manifest.json"
 
 
 @dataclass
@@ -36,10 +43,19 @@ class Experiment:
     trials: pd.DataFrame
     epochs: pd.DataFrame
     config: dict | None
+    manifest: dict | None = None  # manifest.json (raysweep.manifest), absent in older experiments
 
     @property
     def name(self) -> str:
         return (self.config or {}).get("name") or self.path.name
+
+    def trial_value(self, key: str):
+        """The one value of a per-trial column every trial that reports it agrees on (e.g.
+        num_classes, model), or None if none reports it. Disagreeing values: the most common."""
+        if key not in self.trials:
+            return None
+        values = self.trials[key].dropna()
+        return None if values.empty else values.mode().iloc[0]
 
 
 def load_experiment(path: str | Path) -> Experiment:
@@ -95,18 +111,21 @@ def load_experiment(path: str | Path) -> Experiment:
         columns=["trial_id", "fraction", "seed", "n_train", "epoch", *EPOCH_METRICS, "time_total_s"])
     epochs = epochs.sort_values(["fraction", "seed", "epoch"], ignore_index=True)
 
-    config_path = path / CONFIG_FILE
+    return Experiment(path=path, trials=trials, epochs=epochs, config=_read_json(path / CONFIG_FILE),
+                      manifest=_read_json(path / MANIFEST_FILE))
+
+
+def _read_json(path: Path) -> dict | None:
     try:
-        config = json.loads(config_path.read_text()) if config_path.exists() else None
+        return json.loads(path.read_text()) if path.exists() else None
     except (OSError, json.JSONDecodeError) as err:
-        raise RaysweepError(f"cannot read {config_path}: {err}") from err
-    return Experiment(path=path, trials=trials, epochs=epochs, config=config)
+        raise RaysweepError(f"cannot read {path}: {err}") from err
 
 
 def _epoch_table(df: pd.DataFrame | None, trial, config: dict) -> pd.DataFrame:
     if df is None or df.empty or "epoch" not in df:
         return pd.DataFrame()
-    cols = [c for c in ["epoch", *EPOCH_METRICS, "n_train", "time_total_s"] if c in df]
+    cols = [c for c in ["epoch", *EPOCH_METRICS, *TIME_METRICS, "n_train", "time_total_s"] if c in df]
     out = df[cols].copy()
     # A trial restarted by Tune may report an epoch twice; the last report is the one that counts.
     out = out.drop_duplicates("epoch", keep="last")
@@ -132,6 +151,7 @@ def _trial_row(trial, config: dict, epochs: pd.DataFrame) -> dict:
             val_src = at_best.iloc[-1].to_dict()
     row.update({k: val_src.get(k) for k in VAL_METRICS})
     row.update({k: last.get(k) for k in FINAL_METRICS})
+    row.update({k: last.get(k) for k in FINAL_INFO if k in last})
     row["time_total_s"] = last.get("time_total_s")
     row["error"] = _error_line(trial) if row["status"] == "ERROR" else ""
     row["path"] = str(trial.path)
@@ -183,6 +203,8 @@ def per_fraction_summary(used: pd.DataFrame, all_trials: pd.DataFrame | None = N
     `all_trials`, every fraction of the sweep gets a row (NaN where no trial is usable)
     and `n_left_out` counts the trials of that fraction not in `used`.
     """
+    from scipy import stats
+
     everything = used if all_trials is None else all_trials
     rows = []
     for fraction, every in everything.groupby("fraction", sort=True):
@@ -203,3 +225,22 @@ def per_fraction_summary(used: pd.DataFrame, all_trials: pd.DataFrame | None = N
                         f"{m}_ci_high": min(mean + half, 1.0)})
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def resolve_metric(exp: Experiment, setting: str = "auto") -> tuple[str, str]:
+    """The error to fit and the sentence that says why. "auto": the test error at
+    k = raysweep.metrics.primary_k(num_classes) (top-5 with >= 50 classes, else top-1), with
+    num_classes from the trials' final reports; an experiment made before they reported it
+    keeps the old default, test_top5_error."""
+    if setting != "auto":
+        return setting, f"`{setting}`, chosen with --metric"
+    classes = exp.trial_value("num_classes")
+    if classes is None:
+        return "test_top5_error", ("`test_top5_error`: the trials do not report their number of classes "
+                                   "(an experiment made before they did), so the old default")
+    from raysweep.metrics import TOP5_MIN_CLASSES, primary_k
+
+    k = primary_k(int(classes))
+    return f"test_top{k}_error", (f"`test_top{k}_error`: the rule is top-5 error with {TOP5_MIN_CLASSES} or more "
+                                  f"classes, else top-1 (top-5 of a few classes is near 0 and says little); "
+                                  f"this dataset has {int(classes)} classes")

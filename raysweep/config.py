@@ -110,6 +110,8 @@ class SweepConfig:
     storage_path: str = "./results"
     # Checkpoints kept per trial besides the best one (by the select metric).
     keep_checkpoints: int = 1
+    # At most this many trials at once (0: as many as the resources allow).
+    max_concurrent_trials: int = 0
     # Write a checkpoint every this many epochs (and always after the last one). 0 = auto:
     # as often as keeps checkpointing under ~2% of the trial's time.
     checkpoint_every: int = 0
@@ -241,6 +243,7 @@ def validate(cfg: Config) -> None:
         "train.patience": cfg.train.patience,
         "train.plateau_drops": cfg.train.plateau_drops,
         "sweep.checkpoint_every": cfg.sweep.checkpoint_every,
+        "sweep.max_concurrent_trials": cfg.sweep.max_concurrent_trials,
         "sweep.max_failures": cfg.sweep.max_failures,
         "sweep.keep_checkpoints": cfg.sweep.keep_checkpoints,
     }

@@ -33,10 +33,14 @@ def quiet_ray_logs() -> None:
 
 
 def plain_ray_output() -> None:
-    """No ANSI colour in what Ray prints (its `(raylet)` / `(pid=...)` prefixes) unless stdout is
-    a terminal. Call before `ray.init`; a value the user set wins."""
+    """No ANSI colour in what Ray prints unless stdout is a terminal: its `(raylet)` prefixes
+    (RAY_COLOR_PREFIX) and the rest, which it colours unconditionally (colorama, a Ray
+    dependency, then strips escape codes from streams that are not terminals). Call early."""
     if not interactive(sys.stdout):
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+        import colorama
+
+        colorama.init()
 
 
 def format_duration(seconds: float | None) -> str:

@@ -21,7 +21,6 @@ import torch
 
 from raysweep.config import ModelConfig, TrainConfig
 from raysweep.device_data import StreamSplit, load_split
-from raysweep.errors import RaysweepError
 from raysweep.metrics import clearly_below_chance, primary_k
 from raysweep.model import describe
 from raysweep.runner import BestWeights, Runner, epochs_for_budget

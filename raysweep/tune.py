@@ -19,154 +19,12 @@ from raysweep.cluster import plan_resources, start_or_join
 from raysweep.config import Config, add_config_args, config_from_args
 from raysweep.console import plain_ray_output, quiet_ray_logs
 from raysweep.errors import RaysweepError, cli_entry
-from raysweep.io import atomic_write_json, atomic_write_text
+from raysweep.io import atomic_write_json
+from raysweep.summary import complete_grid, finished_points, format_table, summarize, write_summary
 
 CONFIG_FILE = "raysweep_config.json"
 TRAIN_RUNS = "train_runs"
-SUMMARY_COLUMNS = [
-    "fraction", "seed", "n_train", "status", "epochs_done", "max_epochs", "stopped_early", "best_epoch",
-    "learned", "select_metric", "best_val_error", "best_val_top5_error", "val_loss", "val_top1_error",
-    "val_top5_error", "test_loss", "test_top1_error", "test_top5_error", "steps", "wall_time_s",
-    "time_to_first_step_s", "trial_id", "error",
-]
 DRIVER_MEMORY = 256 * 1024**2
-
-
-# Env vars the Train controller reads (Ray Train propagates them from the process that calls
-# fit). Its default 2 s poll made every report wait up to 2 s, a floor far above a GPU epoch
-# at small fractions (0.16 s); the preemption watcher is one more actor per trial, for spot
-# preemption notices a sweep does not use. A value the user set wins.
-TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.05", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
-
-
-def run_trial(params: dict, *, cfg_dict: dict, prepared, plan, train_storage: str, gpu_setup: dict) -> None:
-    """One Tune trial: build this (fraction, seed)'s trainer, fit it, and pass its reports to Tune.
-
-    The Train run is named after the trial id, so a retried or resumed trial finds its own
-    checkpoints under the same (storage_path, name) and continues from them. Reports travel
-    from Train's controller through an unbounded queue (`ForwardReports`) and are reported to
-    Tune from this function's own thread, in order; it returns only once every one is in, so
-    Tune's end-of-trial marker always comes after the last epoch. (Ray's TuneReportCallback
-    hands them over through a one-slot queue that races that marker: the last epoch of a
-    trial went missing when two trials ran at once.)
-    """
-    trial_start = time.time()
-    import threading
-    import uuid
-
-    import ray.data
-    import ray.train
-    import ray.tune
-    from ray.util.queue import Empty, Queue
-
-    from raysweep.trainer import ForwardReports, build_trainer, checkpoint_config
-
-    for key, value in TRAIN_ENV.items():
-        os.environ.setdefault(key, value)
-    cfg = Config.from_dict(cfg_dict)
-    # One progress display for the sweep (the driver's): per-trial Ray Data bars would flood it.
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    trial_id = ray.tune.get_context().get_trial_id()
-    reports = Queue(actor_options={"num_cpus": 0})
-    # OpenMP sizes its pool when a process starts, and Ray starts workers with 1 thread: a CPU
-    # trial's workers start with its thread count instead (measured: ~12% faster epochs).
-    worker_env = {} if plan.use_gpu else {"env_vars": {"OMP_NUM_THREADS": str(cfg.train.num_threads or 1)}}
-    run_config = ray.train.RunConfig(
-        name=f"trial_{trial_id}",
-        storage_path=train_storage,
-        worker_runtime_env=worker_env,
-        callbacks=[ForwardReports(reports)],
-        checkpoint_config=checkpoint_config(cfg.sweep.keep_checkpoints),
-        failure_config=ray.train.FailureConfig(max_failures=cfg.sweep.max_failures),
-    )
-    fraction = float(params["fraction"])
-    trainer = build_trainer(cfg, prepared, fraction, int(params["seed"]), use_gpu=plan.use_gpu,
-                            gpus_per_worker=plan.gpu_share(fraction) if plan.use_gpu else 0.0,
-                            num_workers=plan.num_workers, run_config=run_config,
-                            token=uuid.uuid4().hex, trial_start=trial_start, **gpu_setup)
-    # Read by the worker: the seconds this function spent on imports and building the trainer,
-    # and those from fit() to the worker's first line (controller, worker group, process group).
-    trainer.train_loop_config["fit_start"] = time.time()
-    failure: list[BaseException] = []
-
-    def fit() -> None:
-        try:
-            trainer.fit()
-        except BaseException as err:  # re-raised in this trial's thread, where Tune sees it
-            failure.append(err)
-
-    fitting = threading.Thread(target=fit, name="raysweep-fit", daemon=True)
-    fitting.start()
-    try:
-        while True:
-            try:
-                ray.tune.report(reports.get(timeout=0.2))
-            except Empty:
-                if not fitting.is_alive() and reports.empty():  # every report was put before fit() returned
-                    break
-    finally:
-        reports.shutdown()
-    if failure:
-        raise failure[0]
-
-
-def summarize(result_grid) -> list[dict]:
-    """One row per trial, from a Tune ResultGrid: the final report plus wall time and status."""
-    rows = []
-    for result in result_grid:
-        m = dict(result.metrics or {})
-        cfg = result.config or {}
-        finished = result.error is None and "test_top5_error" in m
-        row = {
-            "fraction": cfg.get("fraction"),
-            "seed": cfg.get("seed"),
-            "n_train": m.get("n_train"),
-            "status": "TERMINATED" if finished else ("ERROR" if result.error else "UNFINISHED"),
-            "epochs_done": m.get("epoch"),
-            "wall_time_s": m.get("wall_time_s", m.get("time_total_s")),
-            "trial_id": m.get("trial_id") or Path(result.path).name,
-            "error": (str(result.error).strip().splitlines() or [""])[-1][:300] if result.error else "",
-        }
-        for key in SUMMARY_COLUMNS:
-            row.setdefault(key, m.get(key))
-        rows.append(row)
-    rows.sort(key=grid_order)
-    return rows
-
-
-def complete_grid(rows: list[dict], fractions: list[float], seeds: list[int]) -> list[dict]:
-    """Add a NOT_STARTED row for each grid point Tune never started (a sweep stopped by Ctrl-C)."""
-    seen = {(r["fraction"], r["seed"]) for r in rows}
-    missing = [dict.fromkeys(SUMMARY_COLUMNS) | {"fraction": f, "seed": s, "status": "NOT_STARTED"}
-               for f in fractions for s in seeds if (f, s) not in seen]
-    return sorted(rows + missing, key=grid_order)
-
-
-def grid_order(row: dict) -> tuple:
-    """Largest fraction first, then by seed."""
-    return -(row["fraction"] or 0), row["seed"] if row["seed"] is not None else -1
-
-
-def write_summary(exp_dir: Path, rows: list[dict]) -> None:
-    import pandas as pd
-
-    frame = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
-    atomic_write_text(exp_dir / "summary.csv", frame.to_csv(index=False))
-    atomic_write_json(exp_dir / "summary.json", rows)
-
-
-def format_table(rows: list[dict], metric: str = "val_top5_error") -> str:
-    """The final table, with the sweep's select metric (e.g. val_top1_error) and its test twin."""
-    import pandas as pd
-
-    test = metric.replace("val_", "test_") if metric.startswith("val_") else "test_top5_error"
-    cols = ["fraction", "seed", "n_train", "status", "epochs_done", "best_epoch", "learned",
-            "best_val_error", test, "wall_time_s"]
-    frame = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)[cols].rename(columns={
-        "best_val_error": f"best_{metric}", "epochs_done": "epochs"})
-    return frame.to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
 
 def _experiment_dir(cfg: Config, args) -> tuple[Path, str]:
@@ -337,6 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     exp_dir.mkdir(parents=True, exist_ok=True)
     if not args.resume:
         atomic_write_json(exp_dir / CONFIG_FILE, cfg.to_dict())
+    from raysweep import manifest
+
+    manifest.start(exp_dir, argv=list(sys.argv[1:] if argv is None else argv), cfg_dict=cfg.to_dict(),
+                   data_info=_data_info(prepared), model_info=model,
+                   resources={"cpus": info["cpus"], "gpus": info["gpus"], "plan": plan.describe(),
+                              "address": args.address or "local"})
     if not quiet:
         print(f"Model: {model['model']}, {model['num_params']:,} parameters, {prepared.image_size} px input, "
               f"{prepared.num_classes} classes; data: " +
@@ -345,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     from raysweep.metrics import select_metric
     from raysweep.sweep_display import SweepDisplay
 
-    done = _finished_points(exp_dir) if args.resume else set()
+    done = finished_points(exp_dir) if args.resume else set()
     display = SweepDisplay(grid, select_metric(cfg.train.select_metric, prepared.num_classes),
                            quiet=quiet, done=done)
     callbacks = [display]
@@ -353,16 +217,24 @@ def main(argv: list[str] | None = None) -> int:
         from raysweep.tracking import tune_callback
 
         callbacks.append(tune_callback(args.mlflow, name, cfg.to_dict()))
-    results = _fit(cfg, prepared, plan, storage, name, resume=args.resume, callbacks=callbacks, verbose=verbose,
-                   gpu_setup=gpu_setup)
+    try:
+        results = _fit(cfg, prepared, plan, storage, name, resume=args.resume, callbacks=callbacks,
+                       verbose=verbose, gpu_setup=gpu_setup)
+    except BaseException as err:
+        manifest.finish(exp_dir, status=f"failed: {type(err).__name__}", trials={})
+        raise
     display.bar.close()
     rows = complete_grid(summarize(results), cfg.sweep.fractions, cfg.sweep.seeds)
     write_summary(exp_dir, rows)
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
     wall = time.time() - t0
     bad = [r for r in rows if r["status"] != "TERMINATED"]
     stopped = [r for r in rows if r["status"] in ("UNFINISHED", "NOT_STARTED")]
     unlearned = [r for r in rows if r["status"] == "TERMINATED" and r.get("learned") is False]
     resume = f"python -m raysweep.tune --resume --name {name} --storage-path {storage}"
+    manifest.finish(exp_dir, trials=counts, status="interrupted" if stopped else "failed" if bad else "finished")
     if stopped:  # interrupted: the resume line, and nothing that suggests the sweep is done
         print(f"\nInterrupted after {wall:.0f} s: {len(rows) - len(stopped)} of {len(rows)} trials ended. "
               f"Continue the sweep with:\n  {resume}")
@@ -402,13 +274,14 @@ def _gpu_shares(cfg: Config, prepared, plan, info: dict, report):
     return plan, reserve
 
 
-def _finished_points(exp_dir: Path) -> set[tuple[float, int]]:
-    """Grid points whose trial finished in an earlier run of this experiment (from summary.json)."""
-    try:
-        rows = json.loads((exp_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return set()
-    return {(float(r["fraction"]), int(r["seed"])) for r in rows if r.get("status") == "TERMINATED"}
+def _data_info(prepared) -> dict:
+    """What manifest.json records of the data: where it came from, which cache, how many rows."""
+    meta = prepared.meta
+    return {"source": meta.get("source"), "fingerprint": meta.get("fingerprint"),
+            "cache_key": prepared.path.name, "cache_path": str(prepared.path), "counts": prepared.counts,
+            "num_classes": prepared.num_classes,
+            # How validation was carved, without the list of rows (in the cache's meta.json).
+            "carved_validation": {k: v for k, v in (meta.get("carved") or {}).items() if k != "rows"} or None}
 
 
 def _check_source(cfg: Config) -> None:
@@ -438,6 +311,7 @@ def _fit(cfg: Config, prepared, plan, storage: Path, name: str, *, resume: bool,
 
     from ray import tune
 
+    from raysweep.trainer import run_trial
     from raysweep.trial_logs import trial_loggers
 
     trainable = tune.with_parameters(
@@ -463,7 +337,9 @@ def _fit(cfg: Config, prepared, plan, storage: Path, name: str, *, resume: bool,
         trainable,
         param_space={"fraction": tune.grid_search(list(cfg.sweep.fractions)),
                      "seed": tune.grid_search(list(cfg.sweep.seeds))},
-        tune_config=tune.TuneConfig(max_concurrent_trials=plan.max_concurrent_trials, reuse_actors=False),
+        tune_config=tune.TuneConfig(max_concurrent_trials=min(plan.max_concurrent_trials,
+                                                              cfg.sweep.max_concurrent_trials or plan.max_concurrent_trials),
+                                    reuse_actors=False),
         run_config=tune.RunConfig(
             name=name, storage_path=str(storage),
             failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),

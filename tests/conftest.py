@@ -93,7 +93,10 @@ def ray_cluster():
     containers share it, so child processes (the CLIs under test) inherit it.
     """
     tmp = Path(tempfile.mkdtemp(prefix="rs-ray-", dir="/tmp"))
-    env = dict(os.environ)
+    # The raylet settings raysweep gives a cluster it starts itself (raysweep/tune.py): trials
+    # at normal priority, a trial's actors started together, idle workers kept for data reads.
+    env = {**os.environ, "RAY_worker_niceness": "0", "RAY_worker_maximum_startup_concurrency": "8",
+           "RAY_num_workers_soft_limit": "12"}
     port = _free_port()
     address = f"127.0.0.1:{port}"
     before = set(_processes())
@@ -165,13 +168,9 @@ def smoke_experiment(ray_cluster, tmp_path_factory) -> Path:
     experiment directory. Its console output is kept beside it (cli_stdout.txt, cli_stderr.txt),
     and, where MLflow is installed, it logs to the MLflow store `mlruns` beside it too."""
     root = tmp_path_factory.mktemp("smoke")
-    mlflow = []
-    try:
-        import mlflow as _  # noqa: F401
+    import importlib.util
 
-        mlflow = ["--mlflow", f"file:{root / 'mlruns'}"]
-    except ImportError:
-        pass
+    mlflow = ["--mlflow", f"file:{root / 'mlruns'}"] if importlib.util.find_spec("mlflow") else []
     proc = run_cli("raysweep.tune", "--config", "configs/smoke.yaml", "--address", ray_cluster,
                    "--storage-path", str(root), "--name", "smoke", *mlflow,
                    "--set", f"data.cache_dir={root / 'cache'}")

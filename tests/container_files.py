@@ -221,14 +221,29 @@ def start_order(services: Mapping[str, Service]) -> list[str]:
     return order
 
 
-def build_args(compose_file: Path, tag: str) -> dict[str, Any]:
-    """client.images.build(...) kwargs for the image every service runs (one `build:`)."""
+def build_args(compose_file: Path, tag: str, *, base_image: str | None = None,
+               wheelhouse_url: str | None = None) -> dict[str, Any]:
+    """client.images.build(...) kwargs for the image every service runs (one `build:`).
+
+    Offline (docker/offline.sh sets both): `base_image` replaces the Dockerfile's BASE_IMAGE,
+    and pip installs only from the wheelhouse at `wheelhouse_url`, which is served on the
+    host's loopback, hence a build on the host's network.
+    """
     doc = load_compose(compose_file, {})
     contexts = {svc.get("build") for svc in doc["services"].values()}
     if len(contexts) != 1 or not isinstance(next(iter(contexts)), str):
         raise ValueError(f"{compose_file.name}: expected one `build: <dir>` for every service, got {contexts}")
     context = (compose_file.parent / contexts.pop()).resolve()
-    return {"path": str(context), "dockerfile": "Dockerfile", "tag": tag, "rm": True, "forcerm": True}
+    args: dict[str, Any] = {"path": str(context), "dockerfile": "Dockerfile", "tag": tag, "rm": True, "forcerm": True}
+    buildargs = {}
+    if base_image:
+        buildargs["BASE_IMAGE"] = base_image
+    if wheelhouse_url:
+        buildargs.update(PIP_NO_INDEX="1", PIP_FIND_LINKS=wheelhouse_url)
+        args["network_mode"] = "host"
+    if buildargs:
+        args["buildargs"] = buildargs
+    return args
 
 
 # What tests/test_docker_sdk.py runs: the CPU variant, with the smoke sweep as the sweep's

@@ -9,26 +9,28 @@ import time
 import pytest
 
 from conftest import REPO
-from raysweep.cluster import (DATA_CPUS, check_cache_on_nodes, check_cache_results, node_label, physical_gpus,
+from raysweep.cluster import (check_cache_on_nodes, check_cache_results, node_label, physical_gpus,
                               plan_local, plan_resources, trial_nodes, visible_count)
 from raysweep.errors import RaysweepError
 
 GIB = 1024**3
 
 
-def test_cpu_only_machine_gets_one_cpu_worker_and_leaves_a_cpu_for_data():
+def test_cpu_only_machine_trains_a_trial_on_every_core():
+    # CPU trials read their data with tasks that hold no CPU, so none is kept back for Ray Data.
     plan = plan_resources(cluster_cpus=2, cluster_gpus=0, gpus_per_trial=1, cpus_per_trial=1, host_cpus=2)
     assert not plan.use_gpu and plan.num_workers == 1 and plan.cpus_per_worker == 1
-    assert plan.max_concurrent_trials == 2 - DATA_CPUS == 1
-    # The one trial may use both cores once its input is loaded.
-    assert plan.torch_threads == 2
+    assert plan.max_concurrent_trials == 2
+    assert plan.torch_threads == 1  # two trials side by side, one core each
     assert plan.gpu_share(0.5) == 0.0
+    alone = plan_resources(cluster_cpus=2, cluster_gpus=0, gpus_per_trial=0, cpus_per_trial=2, host_cpus=2)
+    assert alone.max_concurrent_trials == 1 and alone.torch_threads == 2
 
 
 def test_cpu_concurrency_follows_cpus():
     plan = plan_resources(cluster_cpus=16, cluster_gpus=0, gpus_per_trial=0, cpus_per_trial=4, host_cpus=16)
-    assert plan.max_concurrent_trials == (16 - DATA_CPUS) // 4 == 3
-    assert plan.torch_threads == 16 // 3
+    assert plan.max_concurrent_trials == 16 // 4 == 4
+    assert plan.torch_threads == 16 // 4
 
 
 @pytest.mark.parametrize("gpus,per_trial,workers,per_worker,concurrent", [
@@ -87,9 +89,12 @@ def test_explicit_gpus_without_gpus_is_refused_but_the_default_falls_back_to_cpu
     assert not plan_resources(cluster_cpus=2, cluster_gpus=0, gpus_per_trial=1, cpus_per_trial=1).use_gpu
 
 
-def test_a_cluster_too_small_for_one_trial_plus_data_is_refused():
+def test_a_cluster_too_small_for_one_trial_is_refused():
     with pytest.raises(RaysweepError, match="sweep.cpus_per_trial"):
-        plan_resources(cluster_cpus=1, cluster_gpus=0, gpus_per_trial=0, cpus_per_trial=1)
+        plan_resources(cluster_cpus=1, cluster_gpus=0, gpus_per_trial=0, cpus_per_trial=2)
+    # A GPU trial still keeps a CPU free for its Ray Data pipeline beside its worker.
+    with pytest.raises(RaysweepError, match="kept free for Ray Data"):
+        plan_resources(cluster_cpus=1, cluster_gpus=1, gpus_per_trial=1, cpus_per_trial=1)
 
 
 # --- counting GPUs ----------------------------------------------------------------------

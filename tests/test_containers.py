@@ -14,6 +14,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tomllib
@@ -60,7 +61,7 @@ def test_compose_file_matches_the_compose_spec(name, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # The validator is real: the same file with a misspelt key is refused.
     bad = tmp_path / name
-    bad.write_text((REPO / name).read_text().replace("shm_size:", "shm_sizes:", 1))
+    bad.write_text(re.sub(r"^(\s+)shm_size:", r"\1shm_sizes:", (REPO / name).read_text(), count=1, flags=re.M))
     proc = subprocess.run([*check, str(bad)], capture_output=True, text=True)
     assert proc.returncode == 1 and "shm_sizes" in proc.stdout
 
@@ -173,9 +174,15 @@ def test_image_installs_the_same_pinned_requirements_as_make_install():
         assert version(req.name) == spec.version, f"installed {req.name} differs from its pin: run make install"
     installed = {str(Requirement(r)) for r in requires("raysweep") if "extra ==" not in r}
     assert installed == {str(r) for r in pins}
-    # The image's Python is the one the pins were resolved and tested with here.
-    base = next(a for instr, a in steps if instr == "FROM")
-    assert re.match(rf"python:{sys.version_info.major}\.{sys.version_info.minor}\.\d+-", base), base
+    # The image's Python is the one the pins were resolved and tested with here: the public
+    # image by default; an offline build replaces BASE_IMAGE (docker/base-offline.sh).
+    assert steps[0] == ("ARG", steps[0][1]) and next(a for instr, a in steps if instr == "FROM") == "${BASE_IMAGE}"
+    base = steps[0][1].removeprefix("BASE_IMAGE=")
+    assert re.match(rf"python:{sys.version_info.major}\.{sys.version_info.minor}\.\d+-slim-bookworm$", base), base
+    # pip's source comes from build args only (PyPI when unset), never baked into the image.
+    build_args = {a.split("=")[0] for instr, a in steps[:at] if instr == "ARG"}
+    assert build_args == {"BASE_IMAGE", "PIP_NO_INDEX", "PIP_FIND_LINKS"}
+    assert not [a for instr, a in steps if instr == "ENV" and re.search(r"PIP_(NO_INDEX|FIND_LINKS|INDEX_URL)", a)]
 
 
 # --- the compose cluster ---------------------------------------------------------------
@@ -185,10 +192,11 @@ def _mounts(svc: dict) -> dict[str, str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _ray_shm_threshold() -> int:
-    # In a subprocess: importing ray here would fix its auth mode before ray_cluster sets it.
-    code = "from ray._private.ray_constants import REQUIRE_SHM_SIZE_THRESHOLD as t; print(t)"
-    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+def _ray_constant_names() -> str:
+    """The environment variables Ray's constants read (the source of ray_constants)."""
+    import importlib.util
+
+    return Path(importlib.util.find_spec("ray._private.ray_constants").origin).read_text()
 
 
 def _env(step: str) -> dict[str, str]:
@@ -204,7 +212,9 @@ def test_compose_cluster_layout(name):
     head, worker, sweep = services["ray-head"], services["ray-worker"], services["sweep"]
     # The GCS stays inside the compose network; the dashboard is on the host's loopback only.
     published = [str(p) for s in services.values() for p in s.get("ports", [])]
-    assert published == ["127.0.0.1:8265:8265"] == head["ports"]
+    assert published == ["127.0.0.1:8265:8265"] == head["ports"]  # RAY_DASHBOARD_PORT unset
+    moved = load_compose(REPO / name, {"RAY_DASHBOARD_PORT": "18265"})["services"]["ray-head"]["ports"]
+    assert moved == ["127.0.0.1:18265:8265"]
     assert {"--port=6379", "--dashboard-host=0.0.0.0", "--num-gpus=0"} <= set(head["command"])
     assert "deploy" not in head and "deploy" not in sweep
     # Workers scale (no fixed name, no host port) and join only once the head is healthy.
@@ -237,14 +247,17 @@ def test_compose_cluster_layout(name):
     setup = next(a for instr, a in steps if instr == "RUN" and "useradd" in a)
     assert f"--uid {uid}" in setup and re.search(rf"chown -R {uid}:\d+ ", setup)
     assert all(t in setup.split() for t in mounts)
-    # /dev/shm holds the object store: an explicit size must fit it, and Ray's default
-    # (up to 95% of /dev/shm, but at least 10 GB unless RAM is smaller) needs >= 10 GB.
-    threshold = _ray_shm_threshold()
+    # /dev/shm holds the object store. Its size is set, never Ray's default alone (30% of RAM,
+    # up to all of /dev/shm): a flag, or the cap on the default. It fits in shm_size, and a
+    # node that trains keeps room beside it for NCCL and torch (checkpoints go to disk).
     for svc_name, svc in services.items():
         argv = [a for c in expand((svc.get("entrypoint") or []) + (svc.get("command") or [])) for a in c]
         shm = parse_bytes(svc["shm_size"])
-        store = [int(a.split("=")[1]) for a in argv if a.startswith("--object-store-memory=")]
-        assert (store and store[0] <= 0.95 * shm) or shm >= threshold, svc_name
+        flag = [int(a.split("=")[1]) for a in argv if a.startswith("--object-store-memory=")]
+        store = flag[0] if flag else int(svc["environment"]["RAY_DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES"])
+        assert store <= 0.95 * shm, f"{svc_name}: a {store} B object store does not fit a {shm} B /dev/shm"
+        if "--num-cpus=0" not in argv:
+            assert shm - store >= 2 * 2**30, f"{svc_name}: under 2 GiB of /dev/shm beside the object store"
     # One Ray token for all: a secret filled from $RAY_AUTH_TOKEN, never a value in a file.
     assert doc["secrets"] == {"ray_auth_token": {"environment": "RAY_AUTH_TOKEN"}}
     for svc in services.values():
@@ -252,6 +265,8 @@ def test_compose_cluster_layout(name):
         assert svc["environment"]["RAY_AUTH_MODE"] == "token"
         assert svc["environment"]["RAY_AUTH_TOKEN_PATH"] == "/run/secrets/ray_auth_token"
         assert "RAY_AUTH_TOKEN" not in svc["environment"] and svc["environment"]["HF_TOKEN"] is None
+        # The cap on Ray's default store, where Ray reads it (ray_constants, at import).
+        assert "RAY_DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES" in _ray_constant_names()
     assert not [a for instr, a in steps if instr in ("ENV", "ARG") and "TOKEN" in a]
     # GPUs: reserved by the workers of the GPU file only.
     gpu = worker.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
@@ -274,7 +289,8 @@ def test_cpu_variant_is_the_gpu_file_without_gpus():
                 assert g.get(key) == c.get(key), f"{svc}.{key} differs between the GPU and CPU files"
     assert "deploy" not in cpu["services"]["ray-worker"]
     config = cpu["services"]["sweep"]["command"][1]
-    assert load_config(REPO / config).data.source == "synthetic"
+    source = load_config(REPO / config).data.source
+    assert source == "synthetic" or source.startswith("builtin:"), f"{config} would download {source}"
 
 
 def test_makefile_docker_targets_pass_arguments_through():
@@ -287,12 +303,16 @@ def test_makefile_docker_targets_pass_arguments_through():
     image = re.match(r"\$\{RAYSWEEP_IMAGE:-(.+)\}$", yaml.safe_load((REPO / COMPOSE_FILES[0]).read_text())
                      ["x-ray-node"]["image"])[1]
     out = dry("docker-run", "ARGS=--num-gpus 4 --seeds 0")
-    assert f"docker build -t {image} ." in out and f"RAYSWEEP_IMAGE={image}" in out
+    assert f"docker/offline.sh build {image}" in out and f"RAYSWEEP_IMAGE={image}" in out
     assert "-f docker-compose.yml run --rm sweep --config configs/default.yaml --num-gpus 4 --seeds 0" in out
     out = dry("docker-run-cpu", "WORKERS=2")
     assert "-f docker-compose.cpu.yml up -d --wait --scale ray-worker=2 ray-head ray-worker" in out
     assert "-f docker-compose.cpu.yml run --rm sweep --config configs/demo.yaml" in out
     assert "down" in dry("docker-down") and "logs" in dry("docker-logs")
+    # The container tests run under the engine helper, offline where Docker Hub cannot be reached.
+    out = dry("test-docker", "STAMP=Makefile", "PYTEST_ARGS=-x")
+    assert re.search(r"docker/engine\.sh run docker/offline\.sh run \S+/python -m pytest -m docker -v -x "
+                     r"tests/test_docker_sdk\.py", out), out
 
 
 def test_dockerignore_keeps_results_caches_and_secrets_out(tmp_path):
@@ -339,14 +359,15 @@ def test_sdk_containers_are_the_compose_services(name):
         assert body["entrypoint"] == (None if "entrypoint" not in svc else
                                       [a.replace("$$", "$") for a in svc["entrypoint"]])
         assert sorted(host["Binds"]) == sorted(f"p_{v.split(':')[0]}:{v.split(':')[1]}:rw" for v in svc["volumes"])
+        ports = [re.sub(r"\$\{\w+:-(.+?)\}", r"\1", p) for p in svc.get("ports", [])]  # the defaults
         assert host.get("PortBindings", {}) == {
-            f"{p.split(':')[2]}/tcp": [{"HostIp": p.split(":")[0], "HostPort": p.split(":")[1]}]
-            for p in svc.get("ports", [])}
+            f"{p.split(':')[2]}/tcp": [{"HostIp": p.split(":")[0], "HostPort": p.split(":")[1]}] for p in ports}
         default_shm = re.sub(r"\$\{\w+:-(.+)\}", r"\1", str(svc["shm_size"]))
         assert host["ShmSize"] == parse_bytes(default_shm) and host["Init"] is svc["init"] is True
         assert body["networking_config"]["EndpointsConfig"] == {"p_default": {"Aliases": [svc_name]}}
         assert body["environment"] == {"RAY_AUTH_MODE": "token", "HF_TOKEN": "hf",
-                                       "RAY_AUTH_TOKEN_PATH": "/run/secrets/ray_auth_token"}
+                                       "RAY_AUTH_TOKEN_PATH": "/run/secrets/ray_auth_token",
+                                       "RAY_DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES": "10000000000"}
         assert spec.secrets == {"/run/secrets/ray_auth_token": "tok"}  # the file compose would write
         if "healthcheck" in svc and not svc["healthcheck"].get("disable"):
             assert body["healthcheck"]["test"] == svc["healthcheck"]["test"]
@@ -355,8 +376,12 @@ def test_sdk_containers_are_the_compose_services(name):
             assert [(d["Driver"], d["Count"], d["Capabilities"]) for d in devices] == [("nvidia", -1, [["gpu"]])]
         else:
             assert devices == []
-    assert files.build_args(REPO / name, "t")["path"] == str(REPO)
-    assert (REPO / files.build_args(REPO / name, "t")["dockerfile"]).is_file()
+    online = files.build_args(REPO / name, "t")
+    assert online["path"] == str(REPO) and (REPO / online["dockerfile"]).is_file()
+    assert "buildargs" not in online and "network_mode" not in online  # the Dockerfile's defaults: PyPI
+    offline = files.build_args(REPO / name, "t", base_image="base:x", wheelhouse_url="http://127.0.0.1:1/")
+    assert offline == {**online, "network_mode": "host", "buildargs": {
+        "BASE_IMAGE": "base:x", "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "http://127.0.0.1:1/"}}
 
 
 def test_sdk_test_runs_the_cpu_file_and_a_real_sweep():
@@ -401,3 +426,87 @@ def test_the_sweep_ran_on_a_cluster_it_did_not_start(ray_cluster, ray_session, s
     again = tune.ExperimentAnalysis(str(moved))
     assert sorted(t.trial_id for t in again.trials) == sorted(t.trial_id for t in analysis.trials)
     assert all(len(df) == cfg["train"]["epochs"] for df in again.trial_dataframes.values())
+
+
+# --- the helpers `make test-docker` and `make docker-build` run (docker/*.sh) ---------------
+# The docker and dockerd they call are stand-ins here that log their arguments: what is
+# checked is each script's own decisions, and the wheelhouse server for real.
+
+def _fake_tools(tmp_path: Path, engine_up: str) -> dict[str, str]:
+    """A PATH whose `docker` logs each call and answers `info` while `engine_up` exists."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text(f"""#!{sys.executable}
+import json, os, sys, urllib.request
+args = sys.argv[1:]
+with open(os.environ["FAKE_LOG"], "a") as log:
+    log.write(json.dumps(args) + "\\n")
+    for url in [a.split("=", 1)[1] for a in args if a.startswith("PIP_FIND_LINKS=")]:
+        log.write(json.dumps(urllib.request.urlopen(url, timeout=5).read().decode()) + "\\n")  # as pip reads it
+sys.exit(0 if args[0] in ("build", "image") or os.path.exists({str(engine_up)!r}) else 1)
+""")
+    (bin_dir / "dockerd").write_text(f"#!/bin/sh\ntouch {engine_up}\ntrap 'rm -f {engine_up}; exit 0' TERM\n"
+                                     "while :; do sleep 0.1; done\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("DOCKER_HOST", "OFFLINE")}
+    return {**env, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_LOG": str(tmp_path / "calls.log"),
+            "RAYSWEEP_DOCKERD_PIDFILE": str(tmp_path / "dockerd.pid"), "DOCKER": str(bin_dir / "docker"),
+            "WHEEL_PYTHON": sys.executable}
+
+
+def _calls(env: dict[str, str]) -> list:
+    log = Path(env["FAKE_LOG"])
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_offline_build_serves_the_wheelhouse_to_a_host_network_build(tmp_path):
+    env = _fake_tools(tmp_path, engine_up=str(tmp_path / "up"))
+    (tmp_path / "up").touch()
+    wheelhouse = tmp_path / "wheelhouse"
+    wheelhouse.mkdir()
+    (wheelhouse / "demo-1.0-py3-none-any.whl").write_bytes(b"PK")
+    shutil.copy(REPO / "requirements.txt", wheelhouse / ".requirements.txt")  # built from these pins
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env.update(WHEELHOUSE=str(wheelhouse), WHEELHOUSE_PORT=str(port), OFFLINE="1")
+    proc = subprocess.run([REPO / "docker/offline.sh", "build", "img:t"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    inspect, build, listing = _calls(env)
+    assert inspect == ["image", "inspect", "python-standin:3.11-bookworm-local"]  # present: not rebuilt
+    assert build == ["build", "--network", "host", "--build-arg", "BASE_IMAGE=python-standin:3.11-bookworm-local",
+                     "--build-arg", "PIP_NO_INDEX=1", "--build-arg", f"PIP_FIND_LINKS=http://127.0.0.1:{port}/",
+                     "-t", "img:t", "."]
+    assert 'href="demo-1.0-py3-none-any.whl"' in listing
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", port)) != 0, "the wheelhouse server outlived the build"
+    # OFFLINE=0, or a base image that is already here: the plain build, from PyPI.
+    for offline in ("0", "auto"):
+        Path(env["FAKE_LOG"]).unlink()
+        proc = subprocess.run([REPO / "docker/offline.sh", "build", "img:t"], env={**env, "OFFLINE": offline},
+                              capture_output=True, text=True)
+        assert proc.returncode == 0 and _calls(env)[-1] == ["build", "-t", "img:t", "."], proc.stderr
+
+
+def test_engine_helper_leaves_a_running_engine_alone_and_passes_the_status_on(tmp_path):
+    up = tmp_path / "up"
+    env = _fake_tools(tmp_path, engine_up=str(up))
+    up.touch()  # an engine answers
+    proc = subprocess.run([REPO / "docker/engine.sh", "run", "sh", "-c", "exit 7"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 7 and not Path(env["RAYSWEEP_DOCKERD_PIDFILE"]).exists(), proc.stderr
+    up.unlink()  # none answers, and DOCKER_HOST points elsewhere: nothing to start, the command still runs
+    proc = subprocess.run([REPO / "docker/engine.sh", "run", "sh", "-c", "exit 7"], capture_output=True, text=True,
+                          env={**env, "DOCKER_HOST": "tcp://127.0.0.1:9"})
+    assert proc.returncode == 7 and "DOCKER_HOST=tcp://127.0.0.1:9 is set and does not answer" in proc.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="engine.sh starts dockerd only as root")
+def test_engine_helper_starts_dockerd_for_the_command_and_stops_it_after(tmp_path):
+    up = tmp_path / "up"
+    env = _fake_tools(tmp_path, engine_up=str(up))
+    proc = subprocess.run([REPO / "docker/engine.sh", "run", "sh", "-c", f"test -e {up} && docker info"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr  # the engine answered while the command ran
+    assert "starting dockerd" in proc.stderr and "stopped dockerd" in proc.stderr
+    assert not up.exists() and not Path(env["RAYSWEEP_DOCKERD_PIDFILE"]).exists()

@@ -72,7 +72,9 @@ def test_bootstrap_resamples_within_each_size():
     err = law(SIZES) * np.array([1.01, 0.99, 1.02, 0.98, 1.0])
     boot = bootstrap_fit(SIZES, err, n_boot=20, seed=0)
     assert boot.n_ok == 20 and boot.n_failed == 0
-    assert boot.interval("alpha") == pytest.approx((boot.fit.alpha, boot.fit.alpha), rel=1e-9)
+    # Same points, another order: the optimizer stops where the cost changes by < ftol = 1e-13,
+    # which pins parameters only to ~sqrt(ftol) ~ 3e-7 relative (6e-9 apart seen across machines).
+    assert boot.interval("alpha") == pytest.approx((boot.fit.alpha, boot.fit.alpha), rel=1e-6)
     lo, hi = boot.predict_interval([1e5])
     assert lo[0] == pytest.approx(hi[0]) == pytest.approx(float(boot.fit.predict(1e5)))
 

@@ -17,7 +17,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raysweep.config import TrainConfig
 from raysweep.device_data import StreamSplit
 
 METRICS = ["epoch", "lr", "train_loss", "train_top1_error", "train_top5_error", "val_loss",

@@ -47,7 +47,7 @@ def test_user_errors_are_one_line_and_start_nothing(tmp_path, args, expect):
 def test_smoke_sweep_reads_back_through_tune(smoke_experiment, ray_session):
     from ray import tune
 
-    from raysweep.tune import run_trial
+    from raysweep.trainer import run_trial
 
     analysis = tune.ExperimentAnalysis(str(smoke_experiment))
     grid = {(t.config["fraction"], t.config["seed"]) for t in analysis.trials}
@@ -131,7 +131,7 @@ def _wait_for(predicate, proc, what: str, timeout: float = 600) -> None:
 def test_killed_driver_resumes_without_retraining_finished_trials(ray_cluster, tmp_path):
     exp = tmp_path / "killed"
     proc = subprocess.Popen(_sweep(ray_cluster, tmp_path, "killed", "--quiet", "--fractions", "1", "0.5",
-                                   "--seeds", "0"),
+                                   "--seeds", "0", "--set", "sweep.max_concurrent_trials=1"),
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
         _wait_for(lambda: _finished_trials(exp), proc, "a trial finished")
@@ -212,7 +212,7 @@ def test_ctrl_c_right_after_a_checkpoint_then_resume_keeps_every_epoch_once(ray_
 
 
 def test_a_stopped_sweep_lists_grid_points_never_started():
-    from raysweep.tune import complete_grid
+    from raysweep.summary import complete_grid
 
     done = [{"fraction": 1.0, "seed": 0, "status": "TERMINATED"},
             {"fraction": 0.5, "seed": 0, "status": "UNFINISHED"}]

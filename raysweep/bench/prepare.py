@@ -73,7 +73,7 @@ def build_images(work_dir: Path, n: int, source_dir: Path | None) -> Path:
 
 def baseline(root: Path, size: int) -> tuple[float, np.ndarray, int]:
     """One process, plain PIL: read the parquet bytes, decode + resize + crop each image."""
-    from raysweep.data.prepare import pil_square
+    from raysweep.data.decode import pil_square
 
     t0 = time.perf_counter()
     datas = []

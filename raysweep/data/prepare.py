@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raysweep.data.cache import CACHE_VERSION, PreparedData, cache_path, first_skip
-from raysweep.data.decode import DECODERS, decode_units, fast_square, pil_square  # noqa: F401 (re-exported)
+from raysweep.data.decode import DECODERS, decode_units
 from raysweep.data.source import SPLITS, Source, check_label_range, read_labels, resolve_source, synthetic_params
 from raysweep.data.subsets import carve_validation
 from raysweep.errors import RaysweepError

@@ -1,0 +1,129 @@
+"""The report judges its own evidence: plain warnings, each with the threshold that raised it,
+for a law that its trials cannot support (issue 10, section 5).
+
+Pure pandas/numpy on the tables of `analysis.results` and the fit of `analysis.plot_scaling`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from analysis.extrapolation import CLEARLY_FACTOR, CLEARLY_MIN_GAIN
+
+# The thresholds, stated in every message they produce.
+HOLDOUT_POINTS = 0.02  # held-out prediction off by more than 2 points of error
+UNDERTRAINED_SHARE = 0.25  # best epoch = last epoch in at least a quarter of the capped trials
+EXTRA_SIZES = 2  # sizes beyond the law's parameter count (3 parameters: at least 5 sizes)
+MIN_SPAN = 8.0  # largest / smallest size: at least three doublings
+MIN_SEEDS = 3  # seeds per size behind a bootstrap interval
+STEPS_RATIO = 2.0  # optimizer steps, most / fewest, across sizes
+ALPHA_CI_WIDTH = 1.0  # alpha's 95% CI at most as wide as alpha itself
+
+
+@dataclass(frozen=True)
+class Finding:
+    code: str
+    message: str
+
+    def to_dict(self) -> dict:
+        return {"code": self.code, "message": self.message}
+
+
+def checks() -> str:
+    """The checks and their thresholds, in one sentence (what a report without warnings passed)."""
+    return (f"held-out miss over ±{100 * HOLDOUT_POINTS:g} points; best epoch = last epoch in "
+            f"{UNDERTRAINED_SHARE:.0%} or more of the trials not stopped early; fewer sizes than the law's "
+            f"parameters + {EXTRA_SIZES} or a span under {MIN_SPAN:g}x; fewer than {MIN_SEEDS} seeds at a size; "
+            f"optimizer steps over {STEPS_RATIO:g}x apart while trials hit their epoch cap; alpha's 95% CI "
+            f"wider than alpha; c at its bound; another curve family extrapolating clearly better")
+
+
+def _capped(trials: pd.DataFrame) -> pd.Series:
+    """Trials that ended at their epoch cap rather than by early stopping (older experiments
+    do not say: they had no early stopping, so every trial ran to its cap)."""
+    if "stopped_early" not in trials:
+        return pd.Series(True, index=trials.index)
+    return trials["stopped_early"].map(lambda v: not (isinstance(v, (bool, np.bool_)) and bool(v)))
+
+
+def trial_steps(trials: pd.DataFrame, config: dict | None) -> pd.Series | None:
+    """Optimizer steps per trial: reported (`steps`), else epochs x batches per epoch from the
+    sweep's batch size; None when neither is known."""
+    if "steps" in trials and trials["steps"].notna().all():
+        return trials["steps"].astype(float)
+    batch = ((config or {}).get("train") or {}).get("batch_size")
+    if not batch or "epochs" not in trials or trials["epochs"].isna().any():
+        return None
+    return trials["epochs"].astype(float) * np.ceil(trials["n_train"].astype(float) / batch)
+
+
+def judge(used: pd.DataFrame, result: dict, config: dict | None = None) -> list[Finding]:
+    """Every warning the used trials and the fit earn (see the thresholds above)."""
+    out: list[Finding] = []
+    fit, boot, hold = result.get("_fit"), result.get("_boot"), result.get("_holdout")
+    if hold is not None and abs(hold.abs_error) > HOLDOUT_POINTS:
+        out.append(Finding("holdout_miss", (
+            f"held-out check missed: the law fitted without n = {hold.n_heldout:,.0f} predicts "
+            f"{100 * hold.predicted:.2f}% there, the trials measured {100 * hold.observed:.2f}% "
+            f"({100 * hold.abs_error:+.2f} points; threshold ±{100 * HOLDOUT_POINTS:g} points): "
+            "do not trust this law beyond the sizes measured")))
+    if not used.empty and {"best_epoch", "epochs"} <= set(used):
+        capped = used[_capped(used) & used["best_epoch"].notna() & used["epochs"].notna()]
+        last = capped[capped["best_epoch"].astype(int) == capped["epochs"].astype(int)]
+        if len(capped) and len(last) >= max(1, math.ceil(UNDERTRAINED_SHARE * len(capped))):
+            out.append(Finding("undertrained", (
+                f"best epoch is the last one in {len(last)}/{len(capped)} trials that were not "
+                f"stopped early (threshold: {UNDERTRAINED_SHARE:.0%} of them): those models were still "
+                "improving when training ended; train longer, or until early stopping ends them "
+                "(train.patience)")))
+    k = fit.model.k if fit is not None else 3
+    sizes = np.unique(used["n_train"].dropna().astype(float)) if not used.empty else np.array([])
+    if sizes.size:
+        span = sizes.max() / sizes.min()
+        if sizes.size < k + EXTRA_SIZES or span < MIN_SPAN:
+            out.append(Finding("few_sizes", (
+                f"too little data for {k} parameters: {sizes.size} sizes spanning {span:.1f}x (thresholds: at "
+                f"least {k + EXTRA_SIZES} sizes and a span of {MIN_SPAN:g}x): the parameters trade off "
+                "against each other and their intervals mean little")))
+        seeds = used.groupby("n_train").size()
+        if seeds.min() < MIN_SEEDS:
+            few = seeds[seeds < MIN_SEEDS]
+            where = ", ".join(f"{int(v)} at n = {int(n_):,}" for n_, v in few.items())
+            out.append(Finding("few_seeds", (
+                f"intervals from fewer than {MIN_SEEDS} seeds ({where}): a bootstrap over so few seeds "
+                "understates the spread; add seeds")))
+    steps = trial_steps(used, config) if not used.empty else None
+    if steps is not None and sizes.size >= 2:
+        per_size = steps.groupby(used["n_train"].astype(float)).median()
+        ratio = per_size.max() / per_size.min()
+        capped = _capped(used)
+        if ratio > STEPS_RATIO and capped.any():
+            hi_n, lo_n = per_size.idxmax(), per_size.idxmin()
+            out.append(Finding("unequal_optimisation", (
+                f"n = {hi_n:,.0f} had {ratio:.1f}x the optimizer steps of n = {lo_n:,.0f} "
+                f"(threshold {STEPS_RATIO:g}x) while {int(capped.sum())}/{len(used)} trials ended at their "
+                "epoch cap rather than converging: part of the slope may be optimisation, not data; "
+                "use train.budget=steps or early stopping")))
+    if boot is not None and "alpha" in fit.model.params:
+        lo, hi = boot.interval("alpha")
+        if hi - lo > ALPHA_CI_WIDTH * abs(fit.alpha):
+            out.append(Finding("wide_alpha_ci", (
+                f"alpha's 95% CI ({lo:.3f} – {hi:.3f}) is wider than alpha itself ({fit.alpha:.3f}; threshold: "
+                "a width of at most alpha): the exponent is not determined by these trials")))
+    if fit is not None and fit.c_at_bound:
+        out.append(Finding("c_at_bound", (
+            f"c is pinned at its bound, the smallest measured error ({100 * fit.c:.2f}%): the data do not "
+            "bound the plateau, and the law's other parameters trade off against it")))
+    better = result.get("_better")
+    if better is not None:
+        score, theirs, ours = better
+        out.append(Finding("better_model", (
+            f"{score.name} extrapolates clearly better than the reported law: held-out error "
+            f"{100 * theirs:.2f} against {100 * ours:.2f} points (threshold: at most 1/{CLEARLY_FACTOR:g} of it, "
+            f"and {100 * CLEARLY_MIN_GAIN:g} point less); see the model comparison, or refit with "
+            f"--model {score.name}")))
+    return out
