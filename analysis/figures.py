@@ -60,13 +60,17 @@ def _ci_text(fit: CurveFit, boot) -> str:
     power laws, every parameter for the other families."""
     names = [p for p in ("alpha", "c") if p in fit.model.params] if "alpha" in fit.model.params else list(
         fit.model.params)
+    def num(x: float) -> str:
+        # Errors and exponents are read to the third decimal; 3.3e-28 is a bound the fit sat on, 0.
+        return f"{x:.3f}" if abs(x) < 1e3 else f"{x:.3g}"
+
     parts = []
     for p in names:
         sym = r"$\alpha$" if p == "alpha" else p
-        text = f"{sym} = {getattr(fit, p):.3g}"
+        text = f"{sym} = {num(getattr(fit, p))}"
         if boot is not None:
             lo, hi = boot.interval(p)
-            text += f" [{lo:.3g}, {hi:.3g}]"
+            text += f" [{num(lo)}, {num(hi)}]"
         parts.append(text)
     # Two per line: four parameters with intervals on one line would widen the figure past its axes.
     return "\n".join(", ".join(parts[i:i + 2]) for i in range(0, len(parts), 2))
@@ -174,7 +178,7 @@ def plot_curves(exp: R.Experiment, used: pd.DataFrame, val_metric: str = "val_to
     Trials left out of the fit are drawn too (grey, dashed): a run stuck at chance is what
     these curves are for.
     """
-    fig, axes = plt.subplots(2, 2, figsize=(13, 6.8), sharex=True, sharey="row")
+    fig, axes = plt.subplots(2, 2, figsize=(13, 6.8), sharex="col", sharey="row")
     epochs = exp.epochs
     rows = [("train_loss", "Training loss"), (val_metric, label(val_metric) if "error" in val_metric
                                               else "Validation loss")]

@@ -87,7 +87,7 @@ class TrainConfig:
     # Augmentation (on the device): random-resized-crop with this minimum area, and flips.
     crop_scale_min: float = 0.35
     hflip: bool = True
-    # Speed knobs; bf16 autocast and channels_last only take effect on CUDA.
+    # Speed knobs: bf16 autocast takes effect on CUDA only; channels_last (NHWC) on any device.
     bf16: bool = True
     channels_last: bool = True
     compile: bool = False

@@ -120,8 +120,10 @@ class SweepDisplay(Callback):
             if key not in self.finished:
                 done = self._epochs_done(key)
                 left += p["n_train"] * max(0.0, max(done + 1, share * p["max_epochs"]) - done)
-        eta = self.bar.elapsed / self.work_done * left if self.work_done else None
-        self.bar.set_postfix(f"trials {len(self.finished)}/{len(self.plan)} done, ETA {format_duration(eta)}")
+        # Until a trial has finished, its epochs are unknown (early stopping): no ETA yet.
+        eta = self.bar.elapsed / self.work_done * left if self.work_done and self.used else None
+        when = format_duration(eta) if eta is not None else "after the first trial ends"
+        self.bar.set_postfix(f"trials {len(self.finished)}/{len(self.plan)} done, ETA {when}")
 
     def _epochs_done(self, key: tuple[float, int]) -> int:
         return max((len(seen) for tid, seen in self.epochs.items() if self.keys.get(tid) == key), default=0)

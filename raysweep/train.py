@@ -22,7 +22,7 @@ import torch
 from raysweep.config import ModelConfig, TrainConfig
 from raysweep.device_data import StreamSplit, load_split
 from raysweep.metrics import clearly_below_chance, primary_k
-from raysweep.model import describe
+from raysweep.model import describe, needs_torchvision
 from raysweep.runner import BestWeights, Runner, epochs_for_budget
 
 STATE_FILE = "state.pt"  # model, optimizer, scheduler, RNG states, epoch, best-so-far
@@ -124,7 +124,7 @@ def _import_in_background(module: str):
 
 def train_loop_per_worker(config: dict) -> None:
     t_enter = time.time()
-    models = _import_in_background("torchvision.models")
+    models = _import_in_background("torchvision.models" if needs_torchvision(**config["model"]) else "torch.nn")
     import ray.train
     import ray.train.torch
     from ray.train import CheckpointUploadMode
@@ -209,10 +209,12 @@ def train_loop_per_worker(config: dict) -> None:
             best_step = runner.steps
             best_epoch, best = epoch, {k: metrics[k] for k in (metric, "val_top1_error", "val_top5_error", "val_loss")}
             best_weights.capture(runner.model)
-        # A plateau: no new best for `patience` epochs since the last best or lr drop, and for as
-        # many optimizer steps as `patience` passes over the whole split take (a 1/16 subset's
-        # epoch is a handful of steps: too few to call it converged). Under the plateau
-        # schedule it lowers the lr, `plateau_drops` times; otherwise it ends the trial.
+        # A plateau: no new best of the select metric for `patience` epochs (since the last lr
+        # drop too), nor for as many optimizer steps as `patience` passes over the whole split
+        # take: a 1/16 subset's epoch is a handful of steps, too few to call it converged.
+        # (The validation loss as a second signal kept tiny subsets going to their cap: with
+        # two noisy signals, one of them improves by chance.) Under the plateau schedule a
+        # plateau lowers the lr, `plateau_drops` times; otherwise, or after those, it ends it.
         stop = False
         if (tc.patience and epoch - max(best_epoch, last_drop) >= tc.patience
                 and runner.steps - max(best_step, drop_step) >= tc.patience * patience_steps):

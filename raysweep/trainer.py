@@ -8,6 +8,7 @@ small machine and on every trial. The workers import torch with the loop (`raysw
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import asdict
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from ray.train import UserCallback
 from ray.train.backend import Backend, BackendConfig
+from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from raysweep.config import Config
 from raysweep.errors import RaysweepError
@@ -23,7 +25,6 @@ from raysweep.metrics import select_metric
 
 if TYPE_CHECKING:
     import ray.train
-    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 
 def checkpoint_config(keep: int = 1) -> "ray.train.CheckpointConfig":
@@ -79,14 +80,44 @@ class SweepBackendConfig(BackendConfig):
 
 
 class ForwardReports(UserCallback):
-    """In Train's controller: put each report (rank 0's metrics) in the trial's queue, which
-    is unbounded, so the controller never waits on Tune to take it."""
+    """In Train's controller: append each report (rank 0's metrics) as a JSON line to a file the
+    trial function reads. Ray Train starts the controller on the node of the process that calls
+    fit(), so a local file joins them; no actor to start, and the controller never waits on Tune."""
 
-    def __init__(self, queue):
-        self.queue = queue
+    def __init__(self, path: str):
+        self.path = path
 
     def after_report(self, run_context, metrics, checkpoint) -> None:
-        self.queue.put(dict(metrics[0]))
+        with open(self.path, "a") as f:
+            f.write(json.dumps(dict(metrics[0]), default=str) + "\n")
+
+
+class SweepTrainer(DataParallelTrainer):
+    """Ray Train's data-parallel trainer, less the dataset manager actor that serves `datasets=`:
+    a trial passes none (its workers read their own data), so the actor only cost a process."""
+
+    def _create_default_callbacks(self):
+        return [c for c in super()._create_default_callbacks() if type(c).__name__ != "DatasetsCallback"]
+
+
+def _forward_to_tune(path: Path, fitting) -> None:
+    """Report every line the controller appends to `path` to Tune, in order, until `fitting`
+    (the thread running fit()) has ended and the file is read to its end."""
+    import ray.tune
+
+    pending = ""
+    with open(path) as f:
+        while True:
+            chunk = f.read()
+            pending += chunk
+            *lines, pending = pending.split("\n")
+            for line in lines:
+                ray.tune.report(json.loads(line))
+            if not chunk and not fitting.is_alive():
+                if not f.read():  # every report was written before fit() returned
+                    return
+            elif not chunk:
+                time.sleep(0.05)
 
 
 def _worker_loop(config: dict) -> None:
@@ -100,7 +131,7 @@ def build_trainer(cfg: Config, prepared, fraction: float, seed: int, *, use_gpu:
                   gpus_per_worker: float = 1.0, num_workers: int = 1,
                   run_config: "ray.train.RunConfig | None" = None, token: str = "",
                   trial_start: float | None = None, precision: str | None = None,
-                  reserve_bytes: int | None = None) -> "DataParallelTrainer":
+                  reserve_bytes: int | None = None) -> SweepTrainer:
     """The trainer of one (fraction, seed) trial over a `PreparedData`: Ray Train's data-parallel
     trainer running `raysweep.train.train_loop_per_worker` with a torch backend (SweepBackend).
 
@@ -110,7 +141,6 @@ def build_trainer(cfg: Config, prepared, fraction: float, seed: int, *, use_gpu:
     import uuid
 
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     from raysweep.data import stratified_subset
     from raysweep.gpu import DEFAULT_RESERVE_BYTES
@@ -140,7 +170,7 @@ def build_trainer(cfg: Config, prepared, fraction: float, seed: int, *, use_gpu:
             storage_path=str(Path(cfg.sweep.storage_path).expanduser().resolve()),
             checkpoint_config=checkpoint_config(cfg.sweep.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.sweep.max_failures))
-    return DataParallelTrainer(
+    return SweepTrainer(
         _worker_loop, train_loop_config=config, backend_config=SweepBackendConfig(),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=run_config)
@@ -149,8 +179,10 @@ def build_trainer(cfg: Config, prepared, fraction: float, seed: int, *, use_gpu:
 # Env vars the Train controller reads (Ray Train propagates them from the process that calls
 # fit). Its default 2 s poll made every report wait up to 2 s, a floor far above a GPU epoch
 # at small fractions (0.16 s); the preemption watcher is one more actor per trial, for spot
-# preemption notices a sweep does not use. A value the user set wins.
-TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.05", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# preemption notices a sweep does not use; Train's Prometheus metrics cost every report a
+# little, for dashboards a sweep has its own display for. A value the user set wins.
+TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.05", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+             "RAY_TRAIN_METRICS_ENABLED": "0"}
 
 
 def run_trial(params: dict, *, cfg_dict: dict, prepared, plan, train_storage: str, gpu_setup: dict) -> None:
@@ -165,13 +197,13 @@ def run_trial(params: dict, *, cfg_dict: dict, prepared, plan, train_storage: st
     trial went missing when two trials ran at once.)
     """
     trial_start = time.time()
+    import tempfile
     import threading
     import uuid
 
     import ray.data
     import ray.train
     import ray.tune
-    from ray.util.queue import Empty, Queue
 
 
     for key, value in TRAIN_ENV.items():
@@ -182,10 +214,13 @@ def run_trial(params: dict, *, cfg_dict: dict, prepared, plan, train_storage: st
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     trial_id = ray.tune.get_context().get_trial_id()
-    reports = Queue(actor_options={"num_cpus": 0})
+    handle, reports = tempfile.mkstemp(prefix="raysweep-reports-", suffix=".jsonl")
+    os.close(handle)
     # OpenMP sizes its pool when a process starts, and Ray starts workers with 1 thread: a CPU
-    # trial's workers start with its thread count instead (measured: ~12% faster epochs).
-    worker_env = {} if plan.use_gpu else {"env_vars": {"OMP_NUM_THREADS": str(cfg.train.num_threads or 1)}}
+    # trial with more threads gets workers that start with its count (measured: ~12% faster
+    # epochs); a runtime env costs each worker a set-up, so one-thread trials go without.
+    threads = cfg.train.num_threads or 1
+    worker_env = {} if plan.use_gpu or threads == 1 else {"env_vars": {"OMP_NUM_THREADS": str(threads)}}
     run_config = ray.train.RunConfig(
         name=f"trial_{trial_id}",
         storage_path=train_storage,
@@ -213,13 +248,8 @@ def run_trial(params: dict, *, cfg_dict: dict, prepared, plan, train_storage: st
     fitting = threading.Thread(target=fit, name="raysweep-fit", daemon=True)
     fitting.start()
     try:
-        while True:
-            try:
-                ray.tune.report(reports.get(timeout=0.2))
-            except Empty:
-                if not fitting.is_alive() and reports.empty():  # every report was put before fit() returned
-                    break
+        _forward_to_tune(Path(reports), fitting)
     finally:
-        reports.shutdown()
+        Path(reports).unlink(missing_ok=True)
     if failure:
         raise failure[0]

@@ -339,7 +339,7 @@ def _fit(cfg: Config, prepared, plan, storage: Path, name: str, *, resume: bool,
                      "seed": tune.grid_search(list(cfg.sweep.seeds))},
         tune_config=tune.TuneConfig(max_concurrent_trials=min(plan.max_concurrent_trials,
                                                               cfg.sweep.max_concurrent_trials or plan.max_concurrent_trials),
-                                    reuse_actors=False),
+                                    reuse_actors=True),
         run_config=tune.RunConfig(
             name=name, storage_path=str(storage),
             failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),

@@ -40,6 +40,12 @@ def test_a_narrow_alexnet_has_the_same_layers_scaled(width):
     assert _count(ours) / _count(ref) == pytest.approx(width**2, rel=0.12)
     out = ours.eval()(torch.zeros(2, 3, 64, 64))
     assert out.shape == (2, 10)
+    # The same forward as torchvision's: with its weights loaded into torchvision's class (at the
+    # narrow shapes), both give the same logits (identical float32 ops in the same order).
+    ref_narrow = AlexNet(num_classes=10)
+    ref_narrow.features, ref_narrow.classifier = ours.features, ours.classifier
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(ours.eval()(x), ref_narrow.eval()(x))
 
 
 def test_another_torchvision_model_by_name():

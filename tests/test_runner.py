@@ -104,3 +104,14 @@ def test_device_split_batches_cover_every_row_once_in_a_seeded_order():
     order = lambda: torch.cat([y for _, y in split.batches(10, order=torch.Generator().manual_seed(3))])
     a, b = order(), order()
     assert torch.equal(a, b) and sorted(a.tolist()) == list(range(23)) and not torch.equal(a, torch.arange(23))
+
+
+def test_scale_one_only_flips_and_resamples_nothing():
+    x = torch.randint(0, 256, (64, 8, 8, 3), dtype=torch.uint8)
+    out = augment(x, torch.Generator().manual_seed(0), 1.0, True)
+    plain, mirrored = x.permute(0, 3, 1, 2).float(), x.permute(0, 3, 1, 2).float().flip(3)
+    same = [(o == p).all().item() for o, p in zip(out, plain)]
+    flipped = [(o == m).all().item() for o, m in zip(out, mirrored)]
+    assert all(a or b for a, b in zip(same, flipped))  # every image exact: kept or mirrored
+    assert 16 < sum(flipped) < 48  # about half flipped (64 fair coins: 16..48 is > 99.9% likely)
+    assert torch.equal(augment(x, torch.Generator().manual_seed(0), 1.0, False), plain)
