@@ -1,15 +1,16 @@
 """The sweep's one display: a line per trial as it starts and ends, and a bar for the whole
 sweep (trials and epochs done, elapsed time, ETA). A Ray Tune callback in the driver.
 
-Epochs are counted once each, however often a restarted trial replays them. The ETA weighs
-each epoch by its training images, since an epoch of the full set costs 16 of a 1/16 subset;
-with early stopping the epoch total is a cap that shrinks as trials stop.
+Epochs are counted once each, however often a restarted trial replays them; with early
+stopping the epoch total is a cap that shrinks as trials stop. The ETA comes from the wall
+time of the trials that have finished.
 """
 
 from __future__ import annotations
 
 import math
 import sys
+import time
 from typing import TextIO
 
 from ray.tune import Callback
@@ -26,16 +27,16 @@ class SweepDisplay(Callback):
     `metric` is the validation error shown (e.g. "val_top1_error"). `quiet` prints nothing."""
 
     def __init__(self, plan: dict[tuple[float, int], dict], metric: str, *, quiet: bool = False,
-                 stream: TextIO | None = None, done: set | None = None):
+                 stream: TextIO | None = None, done: set | None = None, concurrency: int = 1):
         self.plan, self.metric = plan, metric
         self.stream = stream or sys.stdout
         self.epochs: dict[str, set[int]] = {}
-        self.keys: dict[str, tuple[float, int]] = {}
-        self.used: list[float] = []  # epochs run / epoch cap, per finished trial
+        self.concurrency = concurrency
+        self.started: dict[tuple[float, int], float] = {}  # grid point -> time.monotonic() at start
+        self.durations: dict[float, list[float]] = {}  # fraction -> wall seconds of finished trials
         self.finished = set(done or ())  # grid points finished before a resume
         self.finished_before = len(self.finished)
         self.number: dict[str, int] = {}
-        self.work_done = 0.0
         total = sum(p["max_epochs"] for key, p in plan.items() if key not in self.finished)
         self.bar = Progress(total, "sweep", "epochs", stream=self.stream, every_s=30.0, enabled=not quiet,
                             own_eta=False)
@@ -67,7 +68,7 @@ class SweepDisplay(Callback):
     # --- Tune's hooks ------------------------------------------------------------------
     def on_trial_start(self, iteration, trials, trial, **info):
         key = self._key(trial)
-        self.keys[trial.trial_id] = key
+        self.started.setdefault(key, time.monotonic())
         self.epochs.setdefault(trial.trial_id, set())
         cap = self.plan.get(key, {}).get("max_epochs")
         self.bar.write(f"{self._tag(trial)} start  {self._label(trial)}  (up to {cap} epochs)" if cap else
@@ -79,7 +80,6 @@ class SweepDisplay(Callback):
         if epoch is None or epoch in seen:
             return
         seen.add(epoch)
-        self.work_done += result.get("n_train") or 1
         self.bar.update(1)
         if "stopped_early" in result:  # the last epoch: the rest of its cap will never run
             cap = self.plan.get(self._key(trial), {}).get("max_epochs", len(seen))
@@ -87,10 +87,11 @@ class SweepDisplay(Callback):
         self._postfix()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.finished.add(self._key(trial))
+        key = self._key(trial)
+        self.finished.add(key)
+        if key in self.started:
+            self.durations.setdefault(key[0], []).append(time.monotonic() - self.started[key])
         r = trial.last_result or {}
-        if r.get("max_epochs") and r.get("epoch"):
-            self.used.append(r["epoch"] / r["max_epochs"])
         metric = r.get("select_metric", self.metric)
         test = metric.replace("val_", "test_")
         stop = "stopped early" if r.get("stopped_early") else "epoch cap"
@@ -111,19 +112,22 @@ class SweepDisplay(Callback):
 
     # --- the bar -------------------------------------------------------------------------
     def _postfix(self) -> None:
-        """ETA = elapsed / work done x work left, in training images. A trial's expected epochs
-        are its cap times the share of their caps that finished trials used (early stopping),
-        and never fewer than it has done."""
-        share = sum(self.used) / len(self.used) if self.used else 1.0
-        left = 0.0
-        for key, p in self.plan.items():
-            if key not in self.finished:
-                done = self._epochs_done(key)
-                left += p["n_train"] * max(0.0, max(done + 1, share * p["max_epochs"]) - done)
-        # Until a trial has finished, its epochs are unknown (early stopping): no ETA yet.
-        eta = self.bar.elapsed / self.work_done * left if self.work_done and self.used else None
-        when = format_duration(eta) if eta is not None else "after the first trial ends"
-        self.bar.set_postfix(f"trials {len(self.finished)}/{len(self.plan)} done, ETA {when}")
+        """ETA from trial durations: a trial's epochs are unknown until it stops (early stopping),
+        but its wall time is steadier: every trial stops after a similar number of steps. Each
+        trial still to run is expected to take what finished trials of its fraction took (or of
+        any fraction), running ones the rest of that, `concurrency` at a time."""
+        now = time.monotonic()
+        done_any = [d for ds in self.durations.values() for d in ds]
+        if not done_any:
+            self.bar.set_postfix(f"trials {len(self.finished)}/{len(self.plan)} done, ETA after the first trial ends")
+            return
 
-    def _epochs_done(self, key: tuple[float, int]) -> int:
-        return max((len(seen) for tid, seen in self.epochs.items() if self.keys.get(tid) == key), default=0)
+        def expected(key) -> float:
+            same = self.durations.get(key[0])
+            return sum(same) / len(same) if same else sum(done_any) / len(done_any)
+
+        running = {key: now - t for key, t in self.started.items() if key not in self.finished}
+        work = sum(max(0.0, expected(k) - age) for k, age in running.items())
+        work += sum(expected(k) for k in self.plan if k not in self.finished and k not in running)
+        eta = work / max(1, self.concurrency)
+        self.bar.set_postfix(f"trials {len(self.finished)}/{len(self.plan)} done, ETA {format_duration(eta)}")

@@ -210,8 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     from raysweep.sweep_display import SweepDisplay
 
     done = finished_points(exp_dir) if args.resume else set()
-    display = SweepDisplay(grid, select_metric(cfg.train.select_metric, prepared.num_classes),
-                           quiet=quiet, done=done)
+    display = SweepDisplay(grid, select_metric(cfg.train.select_metric, prepared.num_classes), quiet=quiet,
+                           done=done, concurrency=min(plan.max_concurrent_trials,
+                                                      cfg.sweep.max_concurrent_trials or plan.max_concurrent_trials))
     callbacks = [display]
     if args.mlflow:
         from raysweep.tracking import tune_callback

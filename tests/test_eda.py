@@ -46,8 +46,8 @@ def test_eda_on_the_builtin_set_reports_the_split_a_sweep_will_carve(tmp_path, c
     out = capsys.readouterr().out
     counts = pd.read_csv(tmp_path / "class_counts.csv")
     assert counts["class_name"].tolist()[:3] == ["airplane", "automobile", "bird"]
-    assert set(counts["train"]) == {240} and set(counts["validation"]) == {60} and set(counts["test"]) == {200}
-    assert "a sweep carves 600 rows from train (0.2 of each class" in out
+    assert set(counts["train"]) == {160} and set(counts["validation"]) == {40} and set(counts["test"]) == {200}
+    assert "a sweep carves 400 rows from train (0.2 of each class" in out
     assert "config: plain_text; columns: image 'img', label 'label'; splits on disk: train, test" in out
 
 

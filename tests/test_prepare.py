@@ -246,11 +246,11 @@ def test_cli_prepares_the_builtin_set_with_progress_and_nothing_from_ray(ray_clu
                "--address", ray_cluster)
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
-    assert any(line.split() == ["train", "2700", "0", "train"] for line in lines), run.stdout
-    assert any(line.split() == ["validation", "300", "0", "train"] for line in lines), run.stdout
+    assert any(line.split() == ["train", "1800", "0", "train"] for line in lines), run.stdout
+    assert any(line.split() == ["validation", "200", "0", "train"] for line in lines), run.stdout
     assert any(line.split() == ["test", "2000", "0", "test"] for line in lines), run.stdout
     # A pipe gets plain progress lines (rate, ETA) and none of Ray Data's own output.
-    final = [line for line in run.stderr.splitlines() if line.startswith("decoding: 5,000/5,000 img (100%)")]
+    final = [line for line in run.stderr.splitlines() if line.startswith("decoding: 4,000/4,000 img (100%)")]
     assert final and "img/s" in final[0] and "ETA" in final[0], run.stderr
     for noise in ("\x1b[", "INFO", "Progress bars", "streaming_executor", "Traceback"):
         assert noise not in run.stderr + run.stdout, noise
@@ -269,13 +269,13 @@ def test_carved_validation_is_recorded_stratified_and_routed_from_train(carved):
     src = resolve_source("builtin:cifar10-sample")
     train = pq.read_table(src.files["train"][0])
     source_labels = train.column("label").to_numpy()
-    assert carved.counts == {"train": 2700, "validation": 300, "test": 2000}
+    assert carved.counts == {"train": 1800, "validation": 200, "test": 2000}
     assert carved.num_classes == 10 and carved.class_names[0] == "airplane"
     val_rows = carved.source_rows("validation")
     assert carved.carved == {"from": "train", "fraction": 0.1, "seed": 0, "rows": val_rows.tolist()}
     assert np.array_equal(val_rows, carve_validation(source_labels, 0.1, 0))
-    assert np.bincount(carved.labels("validation")).tolist() == [30] * 10
-    assert np.array_equal(carved.source_rows("train"), np.setdiff1d(np.arange(3000), val_rows))
+    assert np.bincount(carved.labels("validation")).tolist() == [20] * 10
+    assert np.array_equal(carved.source_rows("train"), np.setdiff1d(np.arange(2000), val_rows))
     assert carved.meta["splits"]["validation"]["source_split"] == "train"
     # Each cache row holds the pixels and label of its source row (PIL decoder at 32 px: exact).
     for split in ("train", "validation"):

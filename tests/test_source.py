@@ -48,7 +48,7 @@ def test_unknown_builtin_lists_the_builtin_names():
 
 
 def test_vendored_set_has_the_hub_schema_and_balanced_interleaved_rows():
-    want_rows = {"train": 300, "test": 200}
+    want_rows = {"train": 200, "test": 200}
     for split, per_class in want_rows.items():
         table = pq.read_table(sample_file(split))
         assert table.schema.names == ["img", "label"]
@@ -70,7 +70,7 @@ def test_vendored_set_has_the_hub_schema_and_balanced_interleaved_rows():
 def test_vendored_readme_states_provenance_and_the_counts_in_the_files():
     text = (SAMPLE / "README.md").read_text()
     for fact in ("CIFAR-10", "Krizhevsky", "2009", "uoft-cs/cifar10", "python -m raysweep.data.sample",
-                 "--per-class train=300 test=200", "| `train` | 3,000 | 300 |", "| `test` | 2,000 | 200 |"):
+                 "--per-class train=200 test=200", "| `train` | 2,000 | 200 |", "| `test` | 2,000 | 200 |"):
         assert fact in text, fact
 
 
@@ -84,8 +84,8 @@ def test_sample_script_takes_the_first_rows_of_each_class_keeping_schema_and_ord
         assert small.schema.equals(full.schema, check_metadata=True)
         assert small.equals(full.take(pa.array(rows)))
     assert "train: 300 rows" in capsys.readouterr().out
-    assert sample_main([str(SAMPLE), str(tmp_path / "x"), "--per-class", "train=301"]) == 2
-    assert "split 'train': class 0 has 300 rows, fewer than 301" in capsys.readouterr().err
+    assert sample_main([str(SAMPLE), str(tmp_path / "x"), "--per-class", "train=201"]) == 2
+    assert "split 'train': class 0 has 200 rows, fewer than 201" in capsys.readouterr().err
 
 
 # --- the hub download path, on local files in the hub's exact schema ------------------------

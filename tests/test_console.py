@@ -1,0 +1,93 @@
+"""The console: the plain progress line and the sweep display's ETA, on a fake clock."""
+
+from __future__ import annotations
+
+import io
+from types import SimpleNamespace
+
+import pytest
+
+from raysweep import console, sweep_display
+from raysweep.console import Progress, format_duration
+from raysweep.sweep_display import SweepDisplay
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    c = Clock()
+    monkeypatch.setattr(console.time, "monotonic", c)
+    monkeypatch.setattr(sweep_display.time, "monotonic", c)
+    return c
+
+
+def trial(fraction: float, seed: int, **last):
+    return SimpleNamespace(trial_id=f"t{fraction}_{seed}", config={"fraction": fraction, "seed": seed},
+                           last_result=last)
+
+
+def test_format_duration_reads_as_h_mm_ss():
+    assert format_duration(5) == "0:05"
+    assert format_duration(3725) == "1:02:05"
+    assert format_duration(None) == "?"
+
+
+def test_plain_progress_line_has_rate_elapsed_and_eta(clock):
+    out = io.StringIO()
+    bar = Progress(100, "load", "img", stream=out, every_s=0.0, force_plain=True)
+    clock.now += 10
+    bar.update(25)  # 2.5 img/s, 75 left -> 30 s
+    line = out.getvalue().strip().splitlines()[-1]
+    assert line == "load: 25/100 img (25%), 2.5 img/s, elapsed 0:10, ETA 0:30"
+
+
+def test_sweep_eta_comes_from_finished_trials_of_the_same_fraction(clock):
+    plan = {(1.0, 0): {"max_epochs": 50, "n_train": 1000}, (1.0, 1): {"max_epochs": 50, "n_train": 1000},
+            (0.5, 0): {"max_epochs": 50, "n_train": 500}, (0.5, 1): {"max_epochs": 50, "n_train": 500}}
+    out = io.StringIO()
+    d = SweepDisplay(plan, "val_top1_error", stream=out, concurrency=1)
+    assert "ETA after the first trial ends" in d.bar._postfix
+
+    big0 = trial(1.0, 0, epoch=20, max_epochs=50, stopped_early=True, val_top1_error=0.4, test_top1_error=0.41)
+    d.on_trial_start(0, [], big0)
+    clock.now += 100
+    d.on_trial_complete(0, [], big0)
+    # Nothing of fraction 0.5 has finished: every trial left is expected to take 100 s.
+    assert d.bar._postfix == "trials 1/4 done, ETA 5:00"
+
+    small0 = trial(0.5, 0, epoch=15, max_epochs=50, stopped_early=True, val_top1_error=0.5, test_top1_error=0.5)
+    d.on_trial_start(0, [], small0)
+    clock.now += 40
+    d.on_trial_complete(0, [], small0)
+    # left: one 1.0 trial (100 s) + one 0.5 trial (40 s)
+    assert d.bar._postfix == "trials 2/4 done, ETA 2:20"
+
+    big1 = trial(1.0, 1)
+    d.on_trial_start(0, [], big1)
+    clock.now += 30
+    d.on_trial_result(0, [], big1, {"epoch": 1})
+    # the running one has 70 s to go, the last 40 s
+    assert d.bar._postfix == "trials 2/4 done, ETA 1:50"
+    lines = out.getvalue().splitlines()
+    assert any("start" in ln and "fraction 1" in ln for ln in lines)
+    assert any("stopped early" in ln for ln in lines)
+
+
+def test_sweep_eta_divides_by_concurrency_and_counts_each_epoch_once(clock):
+    plan = {(1.0, s): {"max_epochs": 10, "n_train": 100} for s in range(4)}
+    d = SweepDisplay(plan, "val_top1_error", stream=io.StringIO(), concurrency=2)
+    first = trial(1.0, 0, epoch=10, max_epochs=10)
+    d.on_trial_start(0, [], first)
+    for epoch in (1, 2, 2, 3):  # a restarted trial replays epoch 2
+        d.on_trial_result(0, [], first, {"epoch": epoch})
+    assert d.bar.done == 3
+    clock.now += 60
+    d.on_trial_complete(0, [], first)
+    assert d.bar._postfix == "trials 1/4 done, ETA 1:30"  # 3 trials x 60 s over 2 slots
