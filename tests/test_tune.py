@@ -103,14 +103,20 @@ def test_summary_files(smoke_experiment):
     assert not list(smoke_experiment.glob(".summary*.tmp"))
 
 
-def _finished_trials(exp: Path) -> dict[str, int]:
-    """Trial dir -> number of result rows, for trials whose final report has landed."""
+def _finished_trials(exp: Path) -> dict[str, str]:
+    """Trial dir -> its result.json text, for trials whose final report has reached storage."""
     done = {}
     for result in exp.glob("*/result.json"):
-        lines = [ln for ln in result.read_text().splitlines() if ln.strip()]
-        if any("test_top5_error" in json.loads(ln) for ln in lines):
-            done[result.parent.name] = len(lines)
+        text = result.read_text()
+        if any("test_top5_error" in json.loads(ln) for ln in text.splitlines() if ln.strip()):
+            done[result.parent.name] = text
     return done
+
+
+def _metrics(result_json: str) -> list[dict]:
+    """The trial's own metrics, row by row, without Tune's bookkeeping (timestamps, pid, iteration)."""
+    rows = [json.loads(ln) for ln in result_json.splitlines() if ln.strip()]
+    return [{k: row.get(k) for k in PER_EPOCH + FINAL} for row in rows]
 
 
 def _sweep(ray_cluster, tmp_path, name, *extra) -> list[str]:
@@ -130,13 +136,15 @@ def _wait_for(predicate, proc, what: str, timeout: float = 600) -> None:
 @pytest.mark.slow
 def test_killed_driver_resumes_without_retraining_finished_trials(ray_cluster, tmp_path):
     exp = tmp_path / "killed"
-    proc = subprocess.Popen(_sweep(ray_cluster, tmp_path, "killed", "--quiet", "--fractions", "1", "0.5",
+    # Three trials one at a time: the driver's snapshots reach storage every 2 s, and a trial
+    # takes longer, so the kill lands with some trials finished in storage and some not.
+    proc = subprocess.Popen(_sweep(ray_cluster, tmp_path, "killed", "--quiet", "--fractions", "1", "0.5", "0.25",
                                    "--seeds", "0", "--set", "sweep.max_concurrent_trials=1"),
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
         _wait_for(lambda: _finished_trials(exp), proc, "a trial finished")
         finished = _finished_trials(exp)
-        assert len(finished) == 1, finished
+        assert 1 <= len(finished) < 3, list(finished)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -145,13 +153,16 @@ def test_killed_driver_resumes_without_retraining_finished_trials(ray_cluster, t
     run_cli("raysweep.tune", "--address", ray_cluster, "--storage-path", str(tmp_path),
             "--name", "killed", "--resume", "--quiet")
     after = _finished_trials(exp)
-    assert len(after) == 2  # every grid point ends with one complete trial
-    for trial_dir, rows in finished.items():
-        assert after[trial_dir] == rows  # the finished trial was not trained again
+    assert len(after) == 3  # every grid point ends with one complete trial
+    for trial_dir, text in finished.items():
+        # A finished trial was not trained again: the same epochs with the same losses and the same
+        # measured seconds. (If the kill came between its last result and Tune marking it done, the
+        # resume reports it again from its final checkpoint, with new Tune timestamps.)
+        assert _metrics(after[trial_dir]) == _metrics(text)
     from ray import tune
 
     analysis = tune.ExperimentAnalysis(str(exp))
-    assert sorted(t.config["fraction"] for t in analysis.trials) == [0.5, 1.0]
+    assert sorted(t.config["fraction"] for t in analysis.trials) == [0.25, 0.5, 1.0]
     for trial in analysis.trials:
         epochs = [json.loads(ln)["epoch"] for ln in (Path(trial.path) / "result.json").read_text().splitlines()
                   if ln.strip()]
