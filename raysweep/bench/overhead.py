@@ -82,6 +82,70 @@ def _outside_ray(cfg_path: Path, fraction: float, epochs: int, threads: int) -> 
     return statistics.median(rates[1:])
 
 
+class CpuWatch:
+    """Where the CPU went while a trial trained: samples every process's CPU time from /proc
+    (Linux) and, over the intervals in which Train's worker was busy, splits it between that
+    worker and everything else, by process name. A stand-in on systems without /proc: no figures."""
+
+    WORKER = "ray::RayTrainWorker"
+
+    def __init__(self, interval: float = 1.0):
+        import threading
+
+        self.interval, self.worker_s, self.others = interval, 0.0, {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="raysweep-cpuwatch", daemon=True)
+
+    @staticmethod
+    def _sample() -> dict[int, tuple[str, float]]:
+        tick, out = os.sysconf("SC_CLK_TCK"), {}
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            name = cmd.rsplit("/", 1)[-1] if not cmd.startswith("ray::") else cmd.split(".")[0]
+            out[int(pid)] = (name or stat[stat.index("(") + 1:stat.rindex(")")], (int(fields[11]) + int(fields[12])) / tick)
+        return out
+
+    def _run(self) -> None:
+        last = self._sample()
+        while not self._stop.wait(self.interval):
+            now = self._sample()
+            delta = {pid: (name, t - last.get(pid, (name, 0.0))[1]) for pid, (name, t) in now.items()}
+            last = now
+            worker = sum(d for name, d in delta.values() if name.startswith(self.WORKER))
+            if worker < 0.5 * self.interval:  # the worker is not training: start-up, evaluation gaps, between trials
+                continue
+            self.worker_s += worker
+            for name, d in delta.values():
+                if not name.startswith(self.WORKER) and d > 0:
+                    self.others[name] = self.others.get(name, 0.0) + d
+
+    def __enter__(self):
+        if Path("/proc/self/stat").exists():
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def summary(self) -> dict | None:
+        total = self.worker_s + sum(self.others.values())
+        if total <= 0:
+            return None
+        top = sorted(self.others.items(), key=lambda kv: -kv[1])[:5]
+        return {"worker_share": round(self.worker_s / total, 3),
+                "others_share": round(1 - self.worker_s / total, 3),
+                "top_others": {name: round(t / total, 3) for name, t in top}}
+
+
 def _trial_rows(exp: Path) -> list[list[dict]]:
     trials = []
     for result in sorted(exp.glob("*/result.json")):
@@ -121,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         before = _outside_ray(cfg_path, a.fractions[0], a.epochs, threads)
         t0 = time.time()
         args = ["--config", str(cfg_path), "--name", "sweep", "--quiet"] + (["--address", a.address] if a.address else [])
-        rc = tune.main(args)
+        with CpuWatch() as cpu:
+            rc = tune.main(args)
         sweep_s = time.time() - t0
         if rc != 0:
             raise RaysweepError(f"the benchmark sweep failed (exit {rc}); see {work / 'results' / 'sweep'}")
@@ -150,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         "bench_img_s_after": round(after, 1), "trials": len(trials),
         "epochs_measured": len(plain), "sweep_wall_s": round(sweep_s, 1), "cpus": os.cpu_count(),
         "load_average_1m": round(os.getloadavg()[0], 2),
+        # While the trial trained: Train's worker's share of the CPU time spent, and the rest's.
+        "cpu_while_training": cpu.summary(),
     }
     out["goals_met"] = {k: (out[k] <= v if k != "in_trial_vs_bench_img_s" else out[k] >= v) for k, v in GOALS.items()}
     print(f"per-epoch overhead (epoch wall - train - eval, {len(plain)} epochs without a checkpoint): "
@@ -162,5 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"training img/s: in the trial {in_trial:.1f}, same loop outside Ray {before:.1f} (before) / "
           f"{after:.1f} (after): ratio {out['in_trial_vs_bench_img_s']:.3f} "
           f"(goal >= {GOALS['in_trial_vs_bench_img_s']:g})")
+    if out["cpu_while_training"]:
+        c = out["cpu_while_training"]
+        print(f"CPU while the trial trained: Train's worker {c['worker_share']:.0%}, other processes "
+              f"{c['others_share']:.0%} (" + ", ".join(f"{k} {v:.1%}" for k, v in c["top_others"].items()) + ")")
+        if c["others_share"] > 0.05 and not out["goals_met"]["in_trial_vs_bench_img_s"]:
+            print("  a loop with as many threads as cores slows by more than the CPU it loses: each step "
+                  "waits for its slowest thread. With spare cores (a GPU machine) this does not apply.")
     print(json.dumps(out))
     return 0
