@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make install      create $(VENV) and install raysweep (editable) with its test extras"
 	@echo "make test         run the test suite on the CPU (installs first if needed)"
-	@echo "make demo         run a small sweep on synthetic data, then the scaling analysis"
+	@echo "make demo         a 12-trial sweep on the vendored CIFAR-10 photos (~4 min on 2 cores), then the scaling analysis"
 	@echo "make bench        decode, training-loop and Ray-overhead benchmarks (ratios measured side by side)"
 	@echo "make test-docker  container tests through the Docker SDK (starts dockerd if it can)"
 	@echo "make docker-build | docker-run ARGS=... | docker-run-cpu | docker-down | docker-logs"
