@@ -83,9 +83,9 @@ def _outside_ray(cfg_path: Path, fraction: float, epochs: int, threads: int) -> 
 
 
 class CpuWatch:
-    """Where the CPU went while a trial trained: samples every process's CPU time from /proc
-    (Linux) and, over the intervals in which Train's worker was busy, splits it between that
-    worker and everything else, by process name. A stand-in on systems without /proc: no figures."""
+    """Where the CPU went while a trial trained: samples every process's CPU time (psutil, which
+    Ray ships) and, over the intervals in which Train's worker was busy, splits it between that
+    worker and everything else, by process name."""
 
     WORKER = "ray::RayTrainWorker"
 
@@ -98,37 +98,40 @@ class CpuWatch:
 
     @staticmethod
     def _sample() -> dict[int, tuple[str, float]]:
-        tick, out = os.sysconf("SC_CLK_TCK"), {}
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
+        import ray  # noqa: F401  (puts Ray's bundled psutil on the path)
+        import psutil
+
+        out = {}
+        for proc in psutil.process_iter(["name", "cmdline", "cpu_times"]):
+            cmd, times = proc.info["cmdline"] or [], proc.info["cpu_times"]
+            if times is None:
                 continue
-            try:
-                stat = Path(f"/proc/{pid}/stat").read_text()
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2:].split()
-            name = cmd.rsplit("/", 1)[-1] if not cmd.startswith("ray::") else cmd.split(".")[0]
-            out[int(pid)] = (name or stat[stat.index("(") + 1:stat.rindex(")")], (int(fields[11]) + int(fields[12])) / tick)
+            first = cmd[0] if cmd else proc.info["name"] or "?"
+            name = first.split(".")[0] if first.startswith("ray::") else first.rsplit("/", 1)[-1]
+            out[proc.pid] = (name, times.user + times.system)
         return out
 
     def _run(self) -> None:
         last = self._sample()
         while not self._stop.wait(self.interval):
             now = self._sample()
-            delta = {pid: (name, t - last.get(pid, (name, 0.0))[1]) for pid, (name, t) in now.items()}
+            self.add(last, now, self.interval)
             last = now
-            worker = sum(d for name, d in delta.values() if name.startswith(self.WORKER))
-            if worker < 0.5 * self.interval:  # the worker is not training: start-up, evaluation gaps, between trials
-                continue
-            self.worker_s += worker
-            for name, d in delta.values():
-                if not name.startswith(self.WORKER) and d > 0:
-                    self.others[name] = self.others.get(name, 0.0) + d
+
+    def add(self, before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], seconds: float) -> None:
+        """Account one interval between two samples (pid -> (name, CPU seconds)); a process
+        that started within it counts from zero. Skipped unless the worker was training."""
+        delta = {pid: (name, t - before.get(pid, (name, 0.0))[1]) for pid, (name, t) in after.items()}
+        worker = sum(d for name, d in delta.values() if name.startswith(self.WORKER))
+        if worker < 0.5 * seconds:  # not training: start-up, between trials
+            return
+        self.worker_s += worker
+        for name, d in delta.values():
+            if not name.startswith(self.WORKER) and d > 0:
+                self.others[name] = self.others.get(name, 0.0) + d
 
     def __enter__(self):
-        if Path("/proc/self/stat").exists():
-            self._thread.start()
+        self._thread.start()
         return self
 
     def __exit__(self, *exc):
