@@ -14,9 +14,9 @@ from pathlib import Path
 
 from analysis.cli import HelpFormatter
 from analysis.curves import MODEL_NAMES  # numpy only: cheap
+from analysis.plot_scaling import METRICS  # its heavy imports are inside its functions
 from raysweep.errors import RaysweepError, cli_entry
 
-METRICS = ["auto", "test_top5_error", "test_top1_error", "val_top5_error", "val_top1_error"]
 
 
 def dataset_identity(exp) -> dict:

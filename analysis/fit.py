@@ -14,16 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from analysis.curvefit import LEVEL, CurveBootstrap, CurveFit, _interval, bootstrap_curve, fit_curve, invert
-from analysis.curves import check_points
 from analysis.extrapolation import Extrapolation, extrapolate
 from raysweep.errors import RaysweepError
 
-# The power law is a curve like any other; the names stay for the callers that read them.
-PowerLawFit = CurveFit
-BootstrapFit = CurveBootstrap
-HoldoutCheck = Extrapolation
-__all__ = ["LEVEL", "PowerLawFit", "BootstrapFit", "HoldoutCheck", "SizeEstimate", "check_points",
-           "fit_power_law", "bootstrap_fit", "holdout_check", "size_for_error"]
+__all__ = ["LEVEL", "SizeEstimate", "fit_power_law", "bootstrap_fit", "holdout_check", "size_for_error"]
 
 
 def _law(irreducible: bool) -> str:

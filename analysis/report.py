@@ -14,6 +14,7 @@ from analysis import evidence
 from analysis import results as R
 from analysis import timing
 from analysis.extrapolation import CLEARLY_FACTOR, CLEARLY_MIN_GAIN
+from raysweep.model import describe
 
 
 def md_table(df: pd.DataFrame) -> str:
@@ -44,13 +45,11 @@ def trained_model(exp: R.Experiment) -> dict:
     name, params = exp.trial_value("model"), exp.trial_value("num_params")
     info = (exp.manifest or {}).get("model") or {}
     if name is None and info.get("name"):
-        width = info.get("width")
-        name = f"{info['name']}(width={width:g})" if width not in (None, 1, 1.0) else info["name"]
+        name = describe(info["name"], info.get("width") or 1.0)
     params = params if params is not None else info.get("num_params")
     if name is None:
         cfg = (exp.config or {}).get("model") or {}
-        name = cfg.get("name") and (f"{cfg['name']}(width={cfg['width']:g})" if cfg.get("width", 1.0) != 1.0
-                                    else cfg["name"])
+        name = cfg.get("name") and describe(cfg["name"], cfg.get("width", 1.0))
     if name is None and (exp.config or {}).get("train"):
         name = "alexnet"  # configs before the model section trained torchvision's AlexNet only
     return {"name": name, "num_params": None if params is None else int(params)}

@@ -17,8 +17,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from raysweep.errors import RaysweepError
 
-# CPUs kept out of trials so Ray Data tasks (the trial's input pipeline) can always run.
-# A cluster whose trials hold every CPU starves Ray Data and hangs forever.
+# CPUs kept out of GPU trials for Ray Data and the GPU trials' own processes. (A CPU trial's reads
+# hold no CPU: PreparedData.dataset; its plan uses every core.)
 DATA_CPUS = 1
 PROC_GPUS = "/proc/driver/nvidia/gpus"  # one entry per GPU the driver (or container) exposes
 SMI_TIMEOUT_S = 2.0  # nvidia-smi is only the fallback; a refusal must come within 3 s
@@ -60,15 +60,17 @@ class ResourcePlan:
 def plan_resources(*, cluster_cpus: float, cluster_gpus: float, gpus_per_trial: float | str,
                    cpus_per_trial: int, gpus_per_trial_explicit: bool = False,
                    host_cpus: int | None = None, gpu_memory_bytes: int | None = None,
-                   trial_bytes: Mapping[float, int] | None = None) -> ResourcePlan:
+                   trial_bytes: Mapping[float, int] | None = None, max_trials: int = 0) -> ResourcePlan:
     """Decide trial resources for a cluster with `cluster_cpus` CPUs and `cluster_gpus` GPUs.
 
     A number: GPU trials get one worker per whole GPU (>= 1) or one worker holding that share
     of a GPU (< 1) for every fraction. "auto": one worker per trial, its share by fraction from
     `raysweep.gpu.auto_gpu_shares(trial_bytes, gpu_memory_bytes)` (trial_bytes: fraction ->
     its splits plus reserve, in bytes); without those yet, one GPU each. With no GPUs a trial
-    gets one CPU worker, unless the user explicitly asked for GPUs per trial.
+    gets one CPU worker, unless the user explicitly asked for GPUs per trial. `max_trials` (> 0)
+    caps the trials at once (sweep.max_concurrent_trials); CPU threads are shared among those.
     """
+    cap = max_trials if max_trials > 0 else math.inf
     auto = gpus_per_trial == "auto"
     wants_gpu = auto or float(gpus_per_trial) > 0
     if cluster_gpus > 0 and wants_gpu:
@@ -93,7 +95,7 @@ def plan_resources(*, cluster_cpus: float, cluster_gpus: float, gpus_per_trial: 
             raise RaysweepError(
                 f"the cluster has {cluster_cpus:g} CPU(s): a GPU trial needs {workers * cpus_per_trial} "
                 f"plus {DATA_CPUS} kept free for Ray Data (sweep.cpus_per_trial)")
-        return ResourcePlan(True, workers, per_worker, cpus_per_trial, min(concurrent, by_cpu), 0,
+        return ResourcePlan(True, workers, per_worker, cpus_per_trial, int(min(concurrent, by_cpu, cap)), 0,
                             auto=auto, gpu_shares=shares)
     if gpus_per_trial_explicit and not auto and float(gpus_per_trial) > 0:
         raise RaysweepError(
@@ -105,6 +107,7 @@ def plan_resources(*, cluster_cpus: float, cluster_gpus: float, gpus_per_trial: 
     if concurrent < 1:
         raise RaysweepError(
             f"the cluster has {cluster_cpus:g} CPU(s): a CPU trial needs sweep.cpus_per_trial={cpus_per_trial}")
+    concurrent = int(min(concurrent, cap))
     cores = host_cpus or int(cluster_cpus)
     threads = max(cpus_per_trial, cores // concurrent)
     return ResourcePlan(False, 1, 0.0, cpus_per_trial, concurrent, threads)

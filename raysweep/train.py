@@ -40,12 +40,15 @@ class InjectedFailure(RuntimeError):
     """Raised by `train.fail_at_epoch` to exercise resume."""
 
 
-def load_best_weights(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
-    """The best-validation weights recorded in one of this loop's checkpoint directories."""
+def load_best_weights(checkpoint_dir: str | Path, state: dict | None = None) -> dict[str, torch.Tensor]:
+    """The best-validation weights recorded in one of this loop's checkpoint directories: their
+    own file, or else the checkpoint's model (`state`: its state file, if already read)."""
     d = Path(checkpoint_dir)
     if (d / BEST_FILE).exists():
         return torch.load(d / BEST_FILE, map_location="cpu", weights_only=True)
-    return torch.load(d / STATE_FILE, map_location="cpu", weights_only=True)["model"]
+    if state is None:
+        state = torch.load(d / STATE_FILE, map_location="cpu", weights_only=True)
+    return state["model"]
 
 
 def _rank_key(m: dict[str, float], metric: str) -> tuple[float, ...]:
@@ -124,7 +127,7 @@ def _import_in_background(module: str):
 
 def train_loop_per_worker(config: dict) -> None:
     t_enter = time.time()
-    models = _import_in_background("torchvision.models" if needs_torchvision(**config["model"]) else "torch.nn")
+    models = _import_in_background("torchvision.models") if needs_torchvision(**config["model"]) else None
     import ray.train
     import ray.train.torch
     from ray.train import CheckpointUploadMode
@@ -153,6 +156,18 @@ def train_loop_per_worker(config: dict) -> None:
     wall_base = float(ledger["wall_time_s"]) if ledger else 0.0
     attempt_start = t_enter if same_run else float(config["trial_start"])
 
+    # A trial that already ended (its final checkpoint holds only the best weights) only
+    # reports its epochs again for this attempt's Tune files: no data to load, no model to build.
+    checkpoint, state, history = ray.train.get_checkpoint(), None, []
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+            history = json.loads((Path(d) / HISTORY_FILE).read_text())
+        if state.get("final"):
+            for row in history:
+                ray.train.report(row)
+            return
+
     t_data = time.time()
     import ray.data
 
@@ -160,7 +175,8 @@ def train_loop_per_worker(config: dict) -> None:
     splits = _load_data(config, rank, world, device, tc.batch_size, tc.eval_batch_size)
     time_data_load_s = time.time() - t_data
     n_shard = len(splits["train"])
-    models.join()
+    if models:
+        models.join()
     max_epochs = epochs_for_budget(tc, n_shard, max(n_shard, config["n_full"] // world))
     wrap = (lambda m: ray.train.torch.prepare_model(m, move_to_device=False)) if world > 1 else None
     runner = Runner(tc, num_classes, seed, device, max_epochs * math.ceil(n_shard / tc.batch_size), rank,
@@ -168,24 +184,19 @@ def train_loop_per_worker(config: dict) -> None:
     best_weights = BestWeights(runner.model)
     num_params = sum(p.numel() for p in runner.model.parameters())
 
-    start, best_epoch, best, history = 1, 0, None, []
+    start, best_epoch, best = 1, 0, None
     drops, last_drop, best_step, drop_step = 0, 0, 0, 0
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-            history = json.loads((Path(d) / HISTORY_FILE).read_text())
-            best_weights.load(load_best_weights(d))
-            if not state.get("final"):
-                runner.load_state_dict(state)
-            start, best_epoch, best = state["epoch"] + 1, state["best_epoch"], state["best_metrics"]
-            drops, last_drop = state.get("drops", 0), state.get("last_drop", 0)
-            best_step, drop_step = state.get("best_step", 0), state.get("drop_step", 0)
+            best_weights.load(load_best_weights(d, state))
+        runner.load_state_dict(state)
+        start, best_epoch, best = state["epoch"] + 1, state["best_epoch"], state["best_metrics"]
+        drops, last_drop = state.get("drops", 0), state.get("last_drop", 0)
+        best_step, drop_step = state.get("best_step", 0), state.get("drop_step", 0)
+        del state  # the optimizer state now lives in the runner
         # The Tune files of this attempt may lack these epochs; the trial logs drop any they have.
         for row in history:
             ray.train.report(row)
-        if state.get("final"):
-            return
     # Where this attempt's start-up went; a retry inside the same Tune run has no setup/launch.
     fit_start = float(config.get("fit_start") or attempt_start)
     startup = {"time_startup_s": t_data - attempt_start, "time_data_load_s": time_data_load_s,

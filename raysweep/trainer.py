@@ -108,15 +108,15 @@ def _forward_to_tune(path: Path, fitting) -> None:
     pending = ""
     with open(path) as f:
         while True:
+            done = not fitting.is_alive()  # before the read: every report fit() wrote is in it
             chunk = f.read()
             pending += chunk
             *lines, pending = pending.split("\n")
             for line in lines:
                 ray.tune.report(json.loads(line))
-            if not chunk and not fitting.is_alive():
-                if not f.read():  # every report was written before fit() returned
+            if not chunk:
+                if done:
                     return
-            elif not chunk:
                 time.sleep(0.05)
 
 
@@ -128,8 +128,8 @@ def _worker_loop(config: dict) -> None:
 
 
 def build_trainer(cfg: Config, prepared, fraction: float, seed: int, *, use_gpu: bool,
-                  gpus_per_worker: float = 1.0, num_workers: int = 1,
-                  run_config: "ray.train.RunConfig | None" = None, token: str = "",
+                  run_config: "ray.train.RunConfig", gpus_per_worker: float = 1.0, num_workers: int = 1,
+                  token: str = "",
                   trial_start: float | None = None, precision: str | None = None,
                   reserve_bytes: int | None = None) -> SweepTrainer:
     """The trainer of one (fraction, seed) trial over a `PreparedData`: Ray Train's data-parallel
@@ -140,7 +140,7 @@ def build_trainer(cfg: Config, prepared, fraction: float, seed: int, *, use_gpu:
     """
     import uuid
 
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import ScalingConfig
 
     from raysweep.data import stratified_subset
     from raysweep.gpu import DEFAULT_RESERVE_BYTES
@@ -164,12 +164,6 @@ def build_trainer(cfg: Config, prepared, fraction: float, seed: int, *, use_gpu:
               "gpu_share": gpus_per_worker if use_gpu else 0.0,
               "reserve_bytes": int(reserve_bytes or DEFAULT_RESERVE_BYTES)}
     resources = {"CPU": cfg.sweep.cpus_per_trial, **({"GPU": gpus_per_worker} if use_gpu else {})}
-    if run_config is None:
-        run_config = RunConfig(
-            name=f"{cfg.name}_f{fraction:g}_s{seed}",
-            storage_path=str(Path(cfg.sweep.storage_path).expanduser().resolve()),
-            checkpoint_config=checkpoint_config(cfg.sweep.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=cfg.sweep.max_failures))
     return SweepTrainer(
         _worker_loop, train_loop_config=config, backend_config=SweepBackendConfig(),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
@@ -190,7 +184,7 @@ def run_trial(params: dict, *, cfg_dict: dict, prepared, plan, train_storage: st
 
     The Train run is named after the trial id, so a retried or resumed trial finds its own
     checkpoints under the same (storage_path, name) and continues from them. Reports travel
-    from Train's controller through an unbounded queue (`ForwardReports`) and are reported to
+    from Train's controller through a file it appends to (`ForwardReports`) and are reported to
     Tune from this function's own thread, in order; it returns only once every one is in, so
     Tune's end-of-trial marker always comes after the last epoch. (Ray's TuneReportCallback
     hands them over through a one-slot queue that races that marker: the last epoch of a

@@ -1,7 +1,7 @@
 """The sweep: `python -m raysweep.tune`, a Ray Tune grid over training fraction x seed.
 
 Each trial is a function that builds and fits a Ray Train `TorchTrainer` (the Train V2
-pattern); metrics reach Tune through `TuneReportCallback`. Results, checkpoints and
+pattern); metrics reach Tune from Train's controller through a file (`trainer.ForwardReports`). Results, checkpoints and
 TensorBoard files live under <storage-path>/<name>; `--resume` continues a stopped sweep.
 """
 
@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = plan_resources(cluster_cpus=info["cpus"], cluster_gpus=info["gpus"],
                           gpus_per_trial=cfg.sweep.gpus_per_trial, cpus_per_trial=cfg.sweep.cpus_per_trial,
                           gpus_per_trial_explicit=args.gpus_per_trial is not None,
-                          host_cpus=os.cpu_count() if info["local"] else info["max_node_cpus"])
+                          host_cpus=os.cpu_count() if info["local"] else info["max_node_cpus"],
+                          max_trials=cfg.sweep.max_concurrent_trials)
     if not plan.use_gpu and cfg.train.num_threads == 0:
         cfg.train.num_threads = plan.torch_threads
     if not quiet:
@@ -211,8 +212,7 @@ def main(argv: list[str] | None = None) -> int:
 
     done = finished_points(exp_dir) if args.resume else set()
     display = SweepDisplay(grid, select_metric(cfg.train.select_metric, prepared.num_classes), quiet=quiet,
-                           done=done, concurrency=min(plan.max_concurrent_trials,
-                                                      cfg.sweep.max_concurrent_trials or plan.max_concurrent_trials))
+                           done=done, concurrency=plan.max_concurrent_trials)
     callbacks = [display]
     if args.mlflow:
         from raysweep.tracking import tune_callback
@@ -271,7 +271,8 @@ def _gpu_shares(cfg: Config, prepared, plan, info: dict, report):
                                 len(prepared.labels("test")), cfg.sweep.fractions, size, reserve)
         plan = plan_resources(cluster_cpus=info["cpus"], cluster_gpus=info["gpus"], gpus_per_trial="auto",
                               cpus_per_trial=cfg.sweep.cpus_per_trial, host_cpus=info["max_node_cpus"],
-                              gpu_memory_bytes=report.gpu_memory_bytes, trial_bytes=need)
+                              gpu_memory_bytes=report.gpu_memory_bytes, trial_bytes=need,
+                              max_trials=cfg.sweep.max_concurrent_trials)
     return plan, reserve
 
 
@@ -342,8 +343,7 @@ def _fit(cfg: Config, prepared, plan, storage: Path, name: str, *, resume: bool,
         trainable,
         param_space={"fraction": tune.grid_search(list(cfg.sweep.fractions)),
                      "seed": tune.grid_search(list(cfg.sweep.seeds))},
-        tune_config=tune.TuneConfig(max_concurrent_trials=min(plan.max_concurrent_trials,
-                                                              cfg.sweep.max_concurrent_trials or plan.max_concurrent_trials),
+        tune_config=tune.TuneConfig(max_concurrent_trials=plan.max_concurrent_trials,
                                     reuse_actors=True),
         run_config=tune.RunConfig(
             name=name, storage_path=str(storage),

@@ -27,6 +27,17 @@ def test_cpu_only_machine_trains_a_trial_on_every_core():
     assert alone.max_concurrent_trials == 1 and alone.torch_threads == 2
 
 
+def test_the_users_trial_cap_shares_the_cores_among_the_trials_it_allows():
+    # sweep.max_concurrent_trials=2 on 16 cores: two trials, 8 threads each (not 16 trials' 1).
+    plan = plan_resources(cluster_cpus=16, cluster_gpus=0, gpus_per_trial=0, cpus_per_trial=1, host_cpus=16,
+                          max_trials=2)
+    assert (plan.max_concurrent_trials, plan.torch_threads) == (2, 8)
+    gpu = plan_resources(cluster_cpus=32, cluster_gpus=4, gpus_per_trial=0.25, cpus_per_trial=1, max_trials=3)
+    assert gpu.max_concurrent_trials == 3  # 16 quarter-GPU trials would fit
+    uncapped = plan_resources(cluster_cpus=16, cluster_gpus=0, gpus_per_trial=0, cpus_per_trial=1, host_cpus=16)
+    assert (uncapped.max_concurrent_trials, uncapped.torch_threads) == (16, 1)
+
+
 def test_cpu_concurrency_follows_cpus():
     plan = plan_resources(cluster_cpus=16, cluster_gpus=0, gpus_per_trial=0, cpus_per_trial=4, host_cpus=16)
     assert plan.max_concurrent_trials == 16 // 4 == 4

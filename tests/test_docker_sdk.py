@@ -71,8 +71,8 @@ for pid in filter(str.isdigit, os.listdir("/proc")):
     except OSError:
         continue  # gone meanwhile
     fields = dict(line.split(":", 1) for line in status if ":" in line)
-    uids[fields["Name"].strip()] = sorted({int(u) for u in fields["Uid"].split()})
-print(json.dumps(uids))
+    uids.setdefault(fields["Name"].strip(), set()).update(int(u) for u in fields["Uid"].split())
+print(json.dumps({name: sorted(u) for name, u in uids.items()}))  # every process of a name counts
 """
 
 
