@@ -1,7 +1,8 @@
 """One trial's worker loop (`train_loop_per_worker`), run by Ray Train on each of its workers.
 
 Each epoch trains, evaluates, decides on early stopping and on a checkpoint, and reports once
-with where its time went. Checkpoints are written straight into the Train run directory (no
+with where its time went. Reports leave from a thread of their own (raysweep.reporting), so the
+loop never waits for Train's controller to collect one. Checkpoints are written straight into the Train run directory (no
 staging copy) and carry the metrics of every epoch so far: a restarted worker replays them,
 so Tune's files end up with every epoch exactly once (raysweep/trial_logs.py drops repeats).
 """
@@ -23,6 +24,7 @@ from raysweep.config import ModelConfig, TrainConfig
 from raysweep.device_data import StreamSplit, load_split
 from raysweep.metrics import clearly_below_chance, primary_k
 from raysweep.model import describe, needs_torchvision
+from raysweep.reporting import Reporter
 from raysweep.runner import BestWeights, Runner, epochs_for_budget
 
 STATE_FILE = "state.pt"  # model, optimizer, scheduler, RNG states, epoch, best-so-far
@@ -114,20 +116,27 @@ def _load_data(config: dict, rank: int, world: int, device: torch.device, batch_
     return splits
 
 
-def _import_in_background(module: str):
-    """Start importing `module` in a thread; join it before use. torchvision takes ~1.5 s on a
-    small CPU and is first needed by the model, after the data has loaded: overlap the two."""
+def _import_in_background(*modules: str):
+    """Start importing `modules` in a thread; join it before use. They are first needed once
+    the data has loaded, which mostly waits on Ray Data's tasks: overlap the two. torch._dynamo
+    (1.6 s on a small CPU) is imported by the first optimizer built, whether or not anything is
+    compiled; torchvision (~1.5 s) by a torchvision model."""
     import importlib
     import threading
 
-    thread = threading.Thread(target=importlib.import_module, args=(module,), daemon=True)
+    def run() -> None:
+        for module in modules:
+            importlib.import_module(module)
+
+    thread = threading.Thread(target=run, name="raysweep-imports", daemon=True)
     thread.start()
     return thread
 
 
 def train_loop_per_worker(config: dict) -> None:
     t_enter = time.time()
-    models = _import_in_background("torchvision.models") if needs_torchvision(**config["model"]) else None
+    models = ["torchvision.models"] if needs_torchvision(**config["model"]) else []
+    imports = _import_in_background("torch._dynamo", *models)
     import ray.train
     import ray.train.torch
     from ray.train import CheckpointUploadMode
@@ -156,6 +165,11 @@ def train_loop_per_worker(config: dict) -> None:
     wall_base = float(ledger["wall_time_s"]) if ledger else 0.0
     attempt_start = t_enter if same_run else float(config["trial_start"])
 
+    def delivered(rows: list[dict]) -> None:  # in the reporter's thread, once Train has the rows
+        _write_ledger(run_dir, {"token": config["token"], "epoch": rows[-1]["epoch"],
+                                "wall_time_s": rows[-1]["wall_time_s"]})
+
+    reporter = Reporter(ray.train.report, after=delivered if rank == 0 else None)
     # A trial that already ended (its final checkpoint holds only the best weights) only
     # reports its epochs again for this attempt's Tune files: no data to load, no model to build.
     checkpoint, state, history = ray.train.get_checkpoint(), None, []
@@ -164,8 +178,8 @@ def train_loop_per_worker(config: dict) -> None:
             state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
             history = json.loads((Path(d) / HISTORY_FILE).read_text())
         if state.get("final"):
-            for row in history:
-                ray.train.report(row)
+            reporter.send(history)
+            reporter.close()
             return
 
     t_data = time.time()
@@ -175,8 +189,7 @@ def train_loop_per_worker(config: dict) -> None:
     splits = _load_data(config, rank, world, device, tc.batch_size, tc.eval_batch_size)
     time_data_load_s = time.time() - t_data
     n_shard = len(splits["train"])
-    if models:
-        models.join()
+    imports.join()
     max_epochs = epochs_for_budget(tc, n_shard, max(n_shard, config["n_full"] // world))
     wrap = (lambda m: ray.train.torch.prepare_model(m, move_to_device=False)) if world > 1 else None
     runner = Runner(tc, num_classes, seed, device, max_epochs * math.ceil(n_shard / tc.batch_size), rank,
@@ -195,8 +208,8 @@ def train_loop_per_worker(config: dict) -> None:
         best_step, drop_step = state.get("best_step", 0), state.get("drop_step", 0)
         del state  # the optimizer state now lives in the runner
         # The Tune files of this attempt may lack these epochs; the trial logs drop any they have.
-        for row in history:
-            ray.train.report(row)
+        if history:
+            reporter.send(history)
     # Where this attempt's start-up went; a retry inside the same Tune run has no setup/launch.
     fit_start = float(config.get("fit_start") or attempt_start)
     startup = {"time_startup_s": t_data - attempt_start, "time_data_load_s": time_data_load_s,
@@ -209,77 +222,98 @@ def train_loop_per_worker(config: dict) -> None:
     ckpt_cost = state_bytes * (3 if tc.optimizer == "adamw" else 2) / ASSUMED_WRITE_BYTES_S
     last_ckpt = mark = time.perf_counter()
     report_s = 0.0
-    for epoch in range(start, max_epochs + 1):
-        metrics = {"epoch": epoch, **runner.train_epoch(splits["train"], reduce=world > 1)}
-        t_eval = time.perf_counter()
-        metrics.update({f"val_{k}": v for k, v in runner.evaluate(splits["validation"]).items()})
-        metrics["time_eval_s"] = time.perf_counter() - t_eval
-        metrics["n_train"] = int(config["n_train"])
-        improved = best is None or _rank_key(metrics, metric) < _rank_key(best, metric)
-        if improved:
-            best_step = runner.steps
-            best_epoch, best = epoch, {k: metrics[k] for k in (metric, "val_top1_error", "val_top5_error", "val_loss")}
-            best_weights.capture(runner.model)
-        # A plateau: no new best of the select metric for `patience` epochs (since the last lr
-        # drop too), nor for as many optimizer steps as `patience` passes over the whole split
-        # take: a 1/16 subset's epoch is a handful of steps, too few to call it converged.
-        # (The validation loss as a second signal kept tiny subsets going to their cap: with
-        # two noisy signals, one of them improves by chance.) Under the plateau schedule a
-        # plateau lowers the lr, `plateau_drops` times; otherwise, or after those, it ends it.
-        stop = False
-        if (tc.patience and epoch - max(best_epoch, last_drop) >= tc.patience
-                and runner.steps - max(best_step, drop_step) >= tc.patience * patience_steps):
-            if tc.schedule == "plateau" and drops < tc.plateau_drops:
-                drops, last_drop, drop_step = drops + 1, epoch, runner.steps
-                runner.drop_lr(tc.step_gamma)
-            else:
-                stop = True
-        last = stop or epoch == max_epochs
-        if world > 1:  # one decision for every rank, or a collective below would hang
-            flags = torch.tensor([int(stop), int(last)], device=device if device.type == "cuda" else "cpu")
-            torch.distributed.broadcast(flags, src=0)
-            stop, last = bool(flags[0]), bool(flags[1])
-        if last:
-            t_test = time.perf_counter()
-            metrics.update(_final_metrics(runner, splits["test"], best_weights, best_epoch, best, metric,
-                                          num_classes, config["n_val"]))
-            metrics.update({"stopped_early": bool(stop and epoch < max_epochs), "max_epochs": max_epochs,
-                            "num_params": num_params, "model": describe(mc.name, mc.width)})
-            metrics["time_test_s"] = time.perf_counter() - t_test
-        due = epoch % every == 0 if every > 0 else time.perf_counter() - last_ckpt >= ckpt_cost / CHECKPOINT_SHARE
-        save = last or due
-        metrics.update(startup, time_report_s=report_s, checkpointed=save,
-                       time_to_first_step_s=(runner.first_step_at or time.time()) - attempt_start)
-        t_ckpt = time.perf_counter()
-        ckpt = None
-        name = f"checkpoint_epoch_{epoch:04d}"
-        if save and rank == 0:
-            target = Path(storage.build_checkpoint_path_from_name(name)) if in_place else \
-                Path(tempfile.mkdtemp(prefix="rs-ckpt-"))
-            _save_checkpoint(target, runner, {"epoch": epoch, "best_epoch": best_epoch, "best_metrics": best,
-                                              "drops": drops, "last_drop": last_drop, "best_step": best_step,
-                                              "drop_step": drop_step, "final": last}, best_weights)
-        metrics["time_checkpoint_s"] = time.perf_counter() - t_ckpt if save else 0.0
-        now = time.perf_counter()
-        metrics["time_epoch_s"] = now - mark
-        metrics["wall_time_s"] = wall_base + time.time() - attempt_start
-        history.append(metrics)
-        if save and rank == 0:
-            (target / HISTORY_FILE).write_text(json.dumps(history))
-            ckpt = ray.train.Checkpoint.from_directory(str(target))
-            ckpt_cost, last_ckpt = time.perf_counter() - t_ckpt, time.perf_counter()
-        mark = time.perf_counter()
-        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name if save else None,
-                         checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD if in_place
-                         else CheckpointUploadMode.SYNC, delete_local_checkpoint_after_upload=not in_place)
-        report_s = time.perf_counter() - mark
-        if rank == 0:
-            _write_ledger(run_dir, {"token": config["token"], "epoch": epoch, "wall_time_s": metrics["wall_time_s"]})
-        # Only in a Tune run's first attempt, so the retry it causes gets past this epoch.
-        if epoch == tc.fail_at_epoch and not same_run:
-            raise InjectedFailure(f"train.fail_at_epoch={epoch}: injected failure after epoch {epoch}")
-        if last:
-            break
+    pending: list[dict] = []  # epochs not handed to the reporter yet: it was still busy
+    try:
+        for epoch in range(start, max_epochs + 1):
+            metrics = {"epoch": epoch, **runner.train_epoch(splits["train"], reduce=world > 1)}
+            t_eval = time.perf_counter()
+            metrics.update({f"val_{k}": v for k, v in runner.evaluate(splits["validation"]).items()})
+            metrics["time_eval_s"] = time.perf_counter() - t_eval
+            metrics["n_train"] = int(config["n_train"])
+            improved = best is None or _rank_key(metrics, metric) < _rank_key(best, metric)
+            if improved:
+                best_step = runner.steps
+                best_epoch, best = epoch, {k: metrics[k] for k in (metric, "val_top1_error", "val_top5_error", "val_loss")}
+                best_weights.capture(runner.model)
+            # A plateau: no new best of the select metric for `patience` epochs (since the last lr
+            # drop too), nor for as many optimizer steps as `patience` passes over the whole split
+            # take: a 1/16 subset's epoch is a handful of steps, too few to call it converged.
+            # (The validation loss as a second signal kept tiny subsets going to their cap: with
+            # two noisy signals, one of them improves by chance.) Under the plateau schedule a
+            # plateau lowers the lr, `plateau_drops` times; otherwise, or after those, it ends it.
+            stop = False
+            if (tc.patience and epoch - max(best_epoch, last_drop) >= tc.patience
+                    and runner.steps - max(best_step, drop_step) >= tc.patience * patience_steps):
+                if tc.schedule == "plateau" and drops < tc.plateau_drops:
+                    drops, last_drop, drop_step = drops + 1, epoch, runner.steps
+                    runner.drop_lr(tc.step_gamma)
+                else:
+                    stop = True
+            last = stop or epoch == max_epochs
+            due = epoch % every == 0 if every > 0 else time.perf_counter() - last_ckpt >= ckpt_cost / CHECKPOINT_SHARE
+            idle = reporter.idle()
+            if world > 1:  # rank 0 decides for every rank, or a collective (or report) would hang
+                flags = torch.tensor([stop, last, due, idle], dtype=torch.int64,
+                                     device=device if device.type == "cuda" else "cpu")
+                torch.distributed.broadcast(flags, src=0)
+                stop, last, due, idle = (bool(f) for f in flags.tolist())
+            if last:
+                t_test = time.perf_counter()
+                metrics.update(_final_metrics(runner, splits["test"], best_weights, best_epoch, best, metric,
+                                              num_classes, config["n_val"]))
+                metrics.update({"stopped_early": bool(stop and epoch < max_epochs), "max_epochs": max_epochs,
+                                "num_params": num_params, "model": describe(mc.name, mc.width)})
+                metrics["time_test_s"] = time.perf_counter() - t_test
+            save = last or due
+            metrics.update(startup, time_report_s=report_s, checkpointed=save,
+                           time_to_first_step_s=(runner.first_step_at or time.time()) - attempt_start)
+            t_ckpt = time.perf_counter()
+            ckpt = None
+            name = f"checkpoint_epoch_{epoch:04d}"
+            if save and rank == 0:
+                target = Path(storage.build_checkpoint_path_from_name(name)) if in_place else \
+                    Path(tempfile.mkdtemp(prefix="rs-ckpt-"))
+                _save_checkpoint(target, runner, {"epoch": epoch, "best_epoch": best_epoch, "best_metrics": best,
+                                                  "drops": drops, "last_drop": last_drop, "best_step": best_step,
+                                                  "drop_step": drop_step, "final": last}, best_weights)
+            metrics["time_checkpoint_s"] = time.perf_counter() - t_ckpt if save else 0.0
+            now = time.perf_counter()
+            metrics["time_epoch_s"] = now - mark
+            metrics["wall_time_s"] = wall_base + time.time() - attempt_start
+            history.append(metrics)
+            pending.append(metrics)
+            if save and rank == 0:
+                (target / HISTORY_FILE).write_text(json.dumps(history))
+                ckpt = ray.train.Checkpoint.from_directory(str(target))
+                ckpt_cost, last_ckpt = time.perf_counter() - t_ckpt, time.perf_counter()
+            mark = time.perf_counter()
+            # The rows go when the last report has been collected; a checkpoint always goes at
+            # once (each one is registered with its own report), waiting for the reporter if need be.
+            if idle or save:
+                reporter.send(pending, checkpoint=ckpt, checkpoint_dir_name=name if save else None,
+                              checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD if in_place
+                              else CheckpointUploadMode.SYNC, delete_local_checkpoint_after_upload=not in_place)
+                pending = []
+            # Only in a Tune run's first attempt, so the retry it causes gets past this epoch.
+            if epoch == tc.fail_at_epoch and not same_run:
+                if pending:
+                    reporter.send(pending)
+                    pending = []
+                reporter.wait()
+                raise InjectedFailure(f"train.fail_at_epoch={epoch}: injected failure after epoch {epoch}")
+            if last:
+                reporter.close()  # the trial ends once Train has its last epoch
+            report_s = time.perf_counter() - mark
+            if last:
+                break
+    except BaseException:
+        if world == 1 and pending:  # best effort: what was measured is not lost (one worker: no barrier)
+            try:
+                reporter.send(pending)
+                reporter.wait(timeout=30)
+            except BaseException:
+                pass
+        raise
 
 
 def _save_checkpoint(target: Path, runner: Runner, meta: dict, best_weights: BestWeights) -> None:

@@ -22,6 +22,7 @@ from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 from raysweep.config import Config
 from raysweep.errors import RaysweepError
 from raysweep.metrics import select_metric
+from raysweep.reporting import unpack
 
 if TYPE_CHECKING:
     import ray.train
@@ -80,24 +81,59 @@ class SweepBackendConfig(BackendConfig):
 
 
 class ForwardReports(UserCallback):
-    """In Train's controller: append each report (rank 0's metrics) as a JSON line to a file the
-    trial function reads. Ray Train starts the controller on the node of the process that calls
-    fit(), so a local file joins them; no actor to start, and the controller never waits on Tune."""
+    """In Train's controller: append each epoch a report carries (rank 0's metrics, unpacked: see
+    raysweep.reporting) as a JSON line to a file the trial function reads. Ray Train starts the
+    controller on the node of the process that calls fit(), so a local file joins them; no actor
+    to start, and the controller never waits on Tune."""
 
     def __init__(self, path: str):
         self.path = path
 
     def after_report(self, run_context, metrics, checkpoint) -> None:
+        lines = "".join(json.dumps(row, default=str) + "\n" for row in unpack(metrics[0]))
         with open(self.path, "a") as f:
-            f.write(json.dumps(dict(metrics[0]), default=str) + "\n")
+            f.write(lines)
+
+
+# How often Train's placement-group cleaner asks whether the controller still lives (Ray's
+# default, 1 s, is a State API query through the dashboard: 3% of a core on a 2-core machine
+# while a trial trains). A dead controller's placement group is freed this much later.
+PG_CHECK_INTERVAL_S = 10.0
+
+
+def _placement_group_cleaner():
+    """Train's placement-group cleaner callback, checking every PG_CHECK_INTERVAL_S, and not
+    waiting at the end of a run for its check to come round (up to that interval): it is told to
+    stop and left to exit. None if this Ray has no such callback."""
+    try:
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    except ImportError:
+        return None
+
+    class Cleaner(PlacementGroupCleanerCallback):
+        def _stop_cleaner(self):
+            cleaner, self._cleaner = self._cleaner, None
+            if cleaner is not None:
+                cleaner.stop.remote()
+
+    return Cleaner(check_interval_s=PG_CHECK_INTERVAL_S)
 
 
 class SweepTrainer(DataParallelTrainer):
-    """Ray Train's data-parallel trainer, less the dataset manager actor that serves `datasets=`:
-    a trial passes none (its workers read their own data), so the actor only cost a process."""
+    """Ray Train's data-parallel trainer, less the dataset manager actor that serves `datasets=`
+    (a trial passes none: its workers read their own data, so the actor only cost a process),
+    and with a placement-group cleaner that checks every PG_CHECK_INTERVAL_S."""
 
     def _create_default_callbacks(self):
-        return [c for c in super()._create_default_callbacks() if type(c).__name__ != "DatasetsCallback"]
+        callbacks = []
+        for c in super()._create_default_callbacks():
+            name = type(c).__name__
+            if name == "DatasetsCallback":
+                continue
+            if name == "PlacementGroupCleanerCallback":
+                c = _placement_group_cleaner() or c
+            callbacks.append(c)
+        return callbacks
 
 
 def _forward_to_tune(path: Path, fitting) -> None:
@@ -117,7 +153,7 @@ def _forward_to_tune(path: Path, fitting) -> None:
             if not chunk:
                 if done:
                     return
-                time.sleep(0.05)
+                time.sleep(0.1)
 
 
 def _worker_loop(config: dict) -> None:
@@ -171,12 +207,20 @@ def build_trainer(cfg: Config, prepared, fraction: float, seed: int, *, use_gpu:
 
 
 # Env vars the Train controller reads (Ray Train propagates them from the process that calls
-# fit). Its default 2 s poll made every report wait up to 2 s, a floor far above a GPU epoch
-# at small fractions (0.16 s); the preemption watcher is one more actor per trial, for spot
-# preemption notices a sweep does not use; Train's Prometheus metrics cost every report a
+# fit). Its poll collects reports: Ray's default, 2 s, delays each report (and a trial's end)
+# by up to 2 s. The loop no longer waits for it (raysweep.reporting), and each poll wakes the
+# controller and the worker: 0.25 s. The preemption watcher is one more actor per trial, for
+# spot preemption notices a sweep does not use; Train's Prometheus metrics cost every report a
 # little, for dashboards a sweep has its own display for. A value the user set wins.
-TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.05", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
              "RAY_TRAIN_METRICS_ENABLED": "0"}
+
+
+def _worker_threads(cfg: Config, plan) -> int:
+    """OpenMP threads a CPU trial's workers start with (1: Ray's default; GPU trials: 1)."""
+    if plan is None or plan.use_gpu:
+        return 1
+    return int(cfg.train.num_threads or plan.torch_threads or 1)
 
 
 def run_trial(params: dict, *, cfg_dict: dict, prepared, plan, train_storage: str, gpu_setup: dict) -> None:
@@ -213,8 +257,8 @@ def run_trial(params: dict, *, cfg_dict: dict, prepared, plan, train_storage: st
     # OpenMP sizes its pool when a process starts, and Ray starts workers with 1 thread: a CPU
     # trial with more threads gets workers that start with its count (measured: ~12% faster
     # epochs); a runtime env costs each worker a set-up, so one-thread trials go without.
-    threads = cfg.train.num_threads or 1
-    worker_env = {} if plan.use_gpu or threads == 1 else {"env_vars": {"OMP_NUM_THREADS": str(threads)}}
+    threads = _worker_threads(cfg, plan)
+    worker_env = {} if threads == 1 else {"env_vars": {"OMP_NUM_THREADS": str(threads)}}
     run_config = ray.train.RunConfig(
         name=f"trial_{trial_id}",
         storage_path=train_storage,

@@ -1,8 +1,13 @@
-"""The overhead bench's CPU accounting, on made-up samples (pure logic, no Ray)."""
+"""The overhead bench's parts without Ray: its CPU accounting (made-up samples), the pause of a
+real process tree, and the split of epochs around pauses."""
+
+import subprocess
+import sys
+import time
 
 import pytest
 
-from raysweep.bench.overhead import CpuWatch
+from raysweep.bench.overhead import CpuWatch, paused, split_by_pauses
 
 W, RAYLET, GCS = "ray::RayTrainWorker", "raylet", "gcs_server"
 
@@ -37,3 +42,58 @@ def test_the_sampler_sees_this_process():
     sample = CpuWatch._sample()
     name, cpu = sample[os.getpid()]
     assert "python" in name and cpu > 0
+
+
+def _row(epoch, end, train_s, rate):
+    return {"epoch": epoch, "trained_at": end, "time_train_s": train_s, "images_per_sec": rate}
+
+
+def test_epochs_that_overlap_a_pause_are_left_out_and_pauses_outside_the_trial_too():
+    # Epochs train for 1 s each, epoch e over [e-1, e]. Pauses: 3.2-3.6 (epoch 4 overlaps it;
+    # epoch 5 starts 0.4 s after it, within the 0.5 s settle), 6.0-6.2 (epoch 7; epoch 6 ends
+    # as it starts) and 20-21 (after the trial: its loop epochs are not compared).
+    rows = [_row(e, float(e), 1.0, 100.0 + e) for e in range(1, 11)]
+    pauses = [(3.2, 3.6, [200.0, 201.0]), (6.0, 6.2, [202.0]), (20.0, 21.0, [999.0])]
+    inside, outside = split_by_pauses(rows, pauses)
+    assert inside == [102.0, 103.0, 106.0, 108.0, 109.0, 110.0]  # epoch 1 never counts
+    assert outside == [200.0, 201.0, 202.0]
+    assert 105.0 in split_by_pauses(rows, pauses, settle_s=0.0)[0]
+    assert split_by_pauses([{"epoch": 1}], pauses) == ([], [])
+
+
+COUNTER = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time\\nwhile True: time.sleep(1)"])
+while True:
+    print(time.monotonic(), flush=True)
+    time.sleep(0.02)
+"""
+
+
+def test_a_paused_process_tree_stops_and_resumes():
+    import ray  # noqa: F401
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-c", COUNTER], stdout=subprocess.PIPE, text=True)
+    try:
+        proc.stdout.readline()
+        time.sleep(0.5)  # the child is up
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        assert len(tree) == 2
+        with paused(proc.pid) as n:
+            assert n == 2
+            time.sleep(0.2)
+            assert all(p.status() == psutil.STATUS_STOPPED for p in tree)
+            stamp = time.monotonic()
+            time.sleep(0.5)
+        assert all(p.status() != psutil.STATUS_STOPPED for p in tree)
+        # Nothing was printed while paused: the first line stamped after resuming comes later.
+        line = float(proc.stdout.readline())
+        while line < stamp:
+            line = float(proc.stdout.readline())
+        assert line > stamp + 0.5
+    finally:
+        for p in psutil.Process(proc.pid).children(recursive=True):
+            p.kill()
+        proc.kill()
+        proc.wait()

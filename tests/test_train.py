@@ -51,7 +51,7 @@ def _recorder_class():
     from ray.train import UserCallback
 
     class Recorder(UserCallback):
-        """Runs in the Train controller: appends every report and failure to a JSON-lines file."""
+        """Runs in the Train controller: appends every epoch reported and every failure to a JSON-lines file."""
 
         def __init__(self, path: str):
             self.path = path
@@ -61,7 +61,12 @@ def _recorder_class():
                 f.write(json.dumps(row) + "\n")
 
         def after_report(self, run_context, metrics, checkpoint):
-            self._write({"report": metrics[0], "checkpoint": checkpoint.path if checkpoint else None})
+            from raysweep.reporting import unpack
+
+            # One report may carry several epochs; its checkpoint is its last epoch's.
+            rows = unpack(metrics[0])
+            for i, row in enumerate(rows):
+                self._write({"report": row, "checkpoint": checkpoint.path if checkpoint and i == len(rows) - 1 else None})
 
         def after_exception(self, run_context, worker_exceptions):
             self._write({"exception": {str(k): repr(v) for k, v in worker_exceptions.items()}})

@@ -1,20 +1,30 @@
 """`python -m raysweep.bench overhead`: what Ray costs around each epoch and each trial, measured
-through a real sweep (`python -m raysweep.tune`: Tune trials that fit Train TorchTrainers).
+through a real sweep (`python -m raysweep.tune`, in a process of its own: Tune trials that fit
+Train TorchTrainers).
 
 The sweep runs a fast configuration (small images, a narrow AlexNet, small subsets, 20+ epochs)
 so that the machinery around the epochs is visible. Its trials' own metrics give the overhead
 (epoch wall time minus training and evaluation, on epochs without a checkpoint), the checkpoint
-cost and the time to the first optimizer step. The same training loop then runs on the same
-images outside Ray, with the trial's threads, before and after the sweep: the trial's img/s over
-that is `in_trial_vs_bench_img_s`. The last line printed is a JSON object.
+cost and the time to the first optimizer step.
+
+`in_trial_vs_bench_img_s` compares the trial's training speed with the same loop on the same
+images in this process, outside Ray. A small machine's speed drifts by 10-20% over tens of
+seconds, more than the effect measured, so the two are interleaved: while the largest trial
+trains, the sweep's whole process tree (driver, Ray, the trial) is paused every few seconds for
+a couple of epochs of the loop here, then resumed. Each side's figure is the median over the
+same minute; the trial's epochs that overlap a pause (or follow one closely) are left out.
+The last line printed is a JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,15 +37,19 @@ GOALS = {"median_epoch_overhead_s": 0.1, "time_to_first_step_s": 8.0, "in_trial_
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m raysweep.bench overhead", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epochs", type=int, default=24, help="epochs per trial (default: 24)")
-    p.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.5],
-                   help="training fractions, one trial each (default: 1 0.5)")
+    p.add_argument("--epochs", type=int, default=40, help="epochs per trial (default: 40)")
+    p.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.5, 0.25],
+                   help="training fractions, one trial each, largest first (default: 1 0.5 0.25)")
     p.add_argument("--train-per-class", type=int, default=40,
                    help="synthetic training images per class, 10 classes (default: 40)")
     p.add_argument("--image-size", type=int, default=64, help="input side in pixels (default: 64)")
     p.add_argument("--width", type=float, default=0.25, help="AlexNet width multiplier (default: 0.25)")
     p.add_argument("--batch-size", type=int, default=32, help="training batch (default: 32)")
     p.add_argument("--checkpoint-every", type=int, default=8, help="epochs between checkpoints (default: 8)")
+    p.add_argument("--pause-every", type=float, default=2.0,
+                   help="seconds of the trial's training between pauses for the loop outside Ray (default: 2)")
+    p.add_argument("--pause-epochs", type=int, default=2,
+                   help="epochs of the loop outside Ray in each pause (default: 2)")
     p.add_argument("--work-dir", type=Path, default=None,
                    help="where the sweep and its cache go (default: a temporary directory, removed after)")
     p.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
@@ -61,25 +75,115 @@ def _config(a, work: Path) -> Path:
     return path
 
 
-def _outside_ray(cfg_path: Path, fraction: float, epochs: int, threads: int) -> float:
-    """The trial's loop on the trial's images, in this process: median img/s of epochs 2..N."""
-    import torch
+class OutsideRay:
+    """The trial's loop on the trial's images, in this process: the trial's subset of the
+    sweep's cache (nothing decoded), its model, optimizer and threads."""
 
-    from raysweep.config import load_config
-    from raysweep.data import prepare_from_config, stratified_subset
-    from raysweep.device_data import DeviceSplit
-    from raysweep.runner import Runner, epochs_for_budget
+    def __init__(self, cfg_path: Path, fraction: float, threads: int):
+        import torch
 
-    cfg = load_config(cfg_path)
-    prepared = prepare_from_config(cfg.data, progress=False)  # the sweep's cache: nothing decoded
-    idx = stratified_subset(prepared.labels("train"), fraction, 0)
-    split = DeviceSplit(torch.from_numpy(prepared.images("train")[idx]), torch.from_numpy(prepared.labels("train")[idx]))
-    torch.set_num_threads(threads)
-    n_epochs = epochs_for_budget(cfg.train, len(idx), len(prepared.labels("train")))
-    runner = Runner(cfg.train, prepared.num_classes, 0, torch.device("cpu"),
-                    n_epochs * -(-len(idx) // cfg.train.batch_size), model=(cfg.model.name, cfg.model.width))
-    rates = [runner.train_epoch(split)["images_per_sec"] for _ in range(epochs)]
-    return statistics.median(rates[1:])
+        from raysweep.config import load_config
+        from raysweep.data import prepare_from_config, stratified_subset
+        from raysweep.device_data import DeviceSplit
+        from raysweep.runner import Runner, epochs_for_budget
+
+        cfg = load_config(cfg_path)
+        prepared = prepare_from_config(cfg.data, progress=False)
+        idx = stratified_subset(prepared.labels("train"), fraction, 0)
+        self.split = DeviceSplit(torch.from_numpy(prepared.images("train")[idx]),
+                                 torch.from_numpy(prepared.labels("train")[idx]))
+        torch.set_num_threads(threads)
+        n_epochs = epochs_for_budget(cfg.train, len(idx), len(prepared.labels("train")))
+        self.runner = Runner(cfg.train, prepared.num_classes, 0, torch.device("cpu"),
+                             n_epochs * -(-len(idx) // cfg.train.batch_size), model=(cfg.model.name, cfg.model.width))
+
+    def epochs(self, n: int) -> list[float]:
+        """img/s of each of `n` training epochs."""
+        return [self.runner.train_epoch(self.split)["images_per_sec"] for _ in range(n)]
+
+
+@contextlib.contextmanager
+def paused(root_pid: int):
+    """Stop (SIGSTOP) the process `root_pid` and every process under it, and resume them on
+    leaving, whatever happens inside. Yields how many were stopped."""
+    import ray  # noqa: F401  (puts Ray's bundled psutil on the path)
+    import psutil
+
+    stopped = []
+    try:
+        root = psutil.Process(root_pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        procs = []
+    try:
+        for proc in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.suspend()
+                stopped.append(proc)
+        yield len(stopped)
+    finally:
+        for proc in stopped:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.resume()
+
+
+def _reported_epoch(runs: Path, fresh_s: float = 2.0) -> int | None:
+    """The last epoch a trial training now has handed to Train (its worker's ledger, written
+    within `fresh_s`), or None when no trial is training."""
+    from raysweep.train import LEDGER_FILE
+
+    newest = None
+    for path in runs.glob(f"*/{LEDGER_FILE}"):
+        with contextlib.suppress(OSError):
+            mtime = path.stat().st_mtime
+            if newest is None or mtime > newest[0]:
+                newest = (mtime, path)
+    if newest is None or time.time() - newest[0] > fresh_s:
+        return None
+    try:
+        return int(json.loads(newest[1].read_text())["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def interleave(sweep: subprocess.Popen, runs: Path, reference: OutsideRay, epochs: int, every_s: float,
+               per_pause: int) -> list[tuple[float, float, list[float]]]:
+    """Until the sweep ends: whenever a trial is training (past its 2nd epoch, and not near its
+    last), pause the sweep every `every_s` seconds for `per_pause` epochs of the loop here.
+    Returns each pause's (start, end, img/s of its epochs)."""
+    pauses, due = [], None
+    while sweep.poll() is None:
+        time.sleep(0.05)
+        epoch = _reported_epoch(runs)
+        if epoch is None or not 2 <= epoch <= epochs - 4:
+            due = None
+            continue
+        if due is None:
+            due = time.time() + every_s
+        elif time.time() >= due:
+            with paused(sweep.pid):
+                start = time.time()
+                rates = reference.epochs(per_pause)
+                pauses.append((start, time.time(), rates))
+            due = time.time() + every_s
+    return pauses
+
+
+def split_by_pauses(rows: list[dict], pauses: list[tuple[float, float, list[float]]],
+                    settle_s: float = 0.5) -> tuple[list[float], list[float]]:
+    """The trial's training img/s (epochs 2.. whose training pass overlaps no pause, nor starts
+    within `settle_s` after one, while Ray catches up) and the outside loop's (the pauses within
+    the trial's training)."""
+    trained = [r for r in rows[1:] if "trained_at" in r]
+    if not trained:
+        return [], []
+    first = min(r["trained_at"] - r["time_train_s"] for r in trained)
+    last = max(r["trained_at"] for r in trained)
+    inside = [r["images_per_sec"] for r in trained
+              if not any(r["trained_at"] - r["time_train_s"] < end + settle_s and r["trained_at"] > start
+                         for start, end, _ in pauses)]
+    outside = [rate for start, end, rates in pauses if first <= start and end <= last for rate in rates]
+    return inside, outside
 
 
 class CpuWatch:
@@ -89,10 +193,11 @@ class CpuWatch:
 
     WORKER = "ray::RayTrainWorker"
 
-    def __init__(self, interval: float = 1.0):
+    def __init__(self, interval: float = 1.0, exclude: set[int] | None = None):
         import threading
 
         self.interval, self.worker_s, self.others = interval, 0.0, {}
+        self.exclude = set(exclude or ())
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="raysweep-cpuwatch", daemon=True)
 
@@ -114,7 +219,7 @@ class CpuWatch:
     def _run(self) -> None:
         last = self._sample()
         while not self._stop.wait(self.interval):
-            now = self._sample()
+            now = {pid: v for pid, v in self._sample().items() if pid not in self.exclude}
             self.add(last, now, self.interval)
             last = now
 
@@ -163,38 +268,54 @@ def _trial_rows(exp: Path) -> list[list[dict]]:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
-    if a.epochs < 3 or a.checkpoint_every < 2:
-        raise RaysweepError("--epochs must be >= 3 and --checkpoint-every >= 2 (epochs without a checkpoint "
+    if a.epochs < 8 or a.checkpoint_every < 2:
+        raise RaysweepError("--epochs must be >= 8 and --checkpoint-every >= 2 (epochs without a checkpoint "
                             "are what the overhead is measured on)")
+    if a.pause_every <= 0 or a.pause_epochs < 1:
+        raise RaysweepError("--pause-every must be > 0 and --pause-epochs >= 1")
     with tempfile.TemporaryDirectory(prefix="rs-bench-overhead-") as tmp:
         work = (a.work_dir or Path(tmp)).expanduser().resolve()
         work.mkdir(parents=True, exist_ok=True)
         cfg_path = _config(a, work)
-        from raysweep import tune
-
-        # Decode the cache first, so the outside-Ray reference can run before the sweep too.
         from raysweep.config import load_config
         from raysweep.console import quiet_ray_logs
         from raysweep.data import prepare_from_config
+        from raysweep.tune import TRAIN_RUNS
 
         quiet_ray_logs()
         import ray
 
-        prepare_from_config(load_config(cfg_path).data, progress=False)
+        prepare_from_config(load_config(cfg_path).data, progress=False)  # decoded once, for both sides
         ray.shutdown()  # the sweep starts its own Ray, as a user's would
         threads = os.cpu_count() or 1
-        print(f"outside Ray, before the sweep: the trial loop on fraction {a.fractions[0]:g}, "
-              f"{threads} torch thread(s) ...", flush=True)
-        before = _outside_ray(cfg_path, a.fractions[0], a.epochs, threads)
+        reference = OutsideRay(cfg_path, a.fractions[0], threads)
+        print(f"outside Ray: the trial loop on fraction {a.fractions[0]:g}, {threads} torch thread(s); "
+              f"warming up ...", flush=True)
+        warm = reference.epochs(3)
+        cmd = [sys.executable, "-m", "raysweep.tune", "--config", str(cfg_path), "--name", "sweep", "--quiet"]
+        interleaved = not a.address
+        if interleaved:
+            print(f"the sweep runs; every {a.pause_every:g} s of a trial's training it is paused for "
+                  f"{a.pause_epochs} epoch(s) of the loop here", flush=True)
+        else:  # a cluster that is not ours is not paused: the loop runs before and after the sweep
+            cmd += ["--address", a.address]
+            before = reference.epochs(a.epochs)
         t0 = time.time()
-        args = ["--config", str(cfg_path), "--name", "sweep", "--quiet"] + (["--address", a.address] if a.address else [])
-        with CpuWatch() as cpu:
-            rc = tune.main(args)
+        with CpuWatch(exclude={os.getpid()}) as cpu:
+            sweep = subprocess.Popen(cmd)
+            try:
+                pauses = interleave(sweep, work / "results" / "sweep" / TRAIN_RUNS, reference, a.epochs,
+                                    a.pause_every, a.pause_epochs) if interleaved else []
+                rc = sweep.wait()
+            finally:
+                if sweep.poll() is None:
+                    sweep.terminate()
+                    sweep.wait()
         sweep_s = time.time() - t0
         if rc != 0:
             raise RaysweepError(f"the benchmark sweep failed (exit {rc}); see {work / 'results' / 'sweep'}")
-        ray.shutdown()
-        after = _outside_ray(cfg_path, a.fractions[0], a.epochs, threads)
+        if not interleaved:
+            pauses = [(0.0, 0.0, before + reference.epochs(a.epochs))]
         trials = _trial_rows(work / "results" / "sweep")
 
     plain = [r for rows in trials for r in rows if not r.get("checkpointed")]
@@ -202,22 +323,30 @@ def main(argv: list[str] | None = None) -> int:
     overhead = [r["time_epoch_s"] - r["time_train_s"] - r["time_eval_s"] for r in plain]
     first = sorted(rows[0]["time_to_first_step_s"] for rows in trials)
     largest = max(trials, key=lambda rows: rows[0]["n_train"])
-    in_trial = statistics.median(r["images_per_sec"] for r in largest[1:])
-    reference = (before + after) / 2
+    if interleaved:
+        inside, outside = split_by_pauses(largest, pauses)
+    else:
+        inside, outside = [r["images_per_sec"] for r in largest[1:]], pauses[0][2]
+    if len(inside) < 3 or len(outside) < 3:
+        raise RaysweepError(f"too few epochs to compare ({len(inside)} in the trial, {len(outside)} outside "
+                            "Ray): raise --epochs or lower --pause-every")
+    in_trial, reference_s = statistics.median(inside), statistics.median(outside)
     out = {
         "median_epoch_overhead_s": round(statistics.median(overhead), 4),
         "max_epoch_overhead_s": round(max(overhead), 4),
         "checkpoint_s": round(statistics.median(r["time_checkpoint_s"] for r in saved), 4),
         "time_to_first_step_s": round(statistics.median(first), 2),
         "time_to_first_step_s_first_trial": round(trials[0][0]["time_to_first_step_s"], 2),
+        "time_to_first_step_s_each": [round(rows[0]["time_to_first_step_s"], 2) for rows in trials],
         "startup_parts_s": {k: round(statistics.median(rows[0][k] for rows in trials), 2)
                             for k in ("time_setup_s", "time_launch_s", "time_data_load_s")},
         "median_report_s": round(statistics.median(r["time_report_s"] for rows in trials for r in rows[1:]), 4),
-        "in_trial_vs_bench_img_s": round(in_trial / reference, 3),
-        "in_trial_img_s": round(in_trial, 1), "bench_img_s_before": round(before, 1),
-        "bench_img_s_after": round(after, 1), "trials": len(trials),
-        "epochs_measured": len(plain), "sweep_wall_s": round(sweep_s, 1), "cpus": os.cpu_count(),
-        "load_average_1m": round(os.getloadavg()[0], 2),
+        "in_trial_vs_bench_img_s": round(in_trial / reference_s, 3),
+        "in_trial_img_s": round(in_trial, 1), "bench_img_s": round(reference_s, 1),
+        "bench_img_s_warm_up": round(statistics.median(warm), 1), "interleaved": interleaved,
+        "pauses": len(pauses) if interleaved else 0, "in_trial_epochs": len(inside), "bench_epochs": len(outside),
+        "trials": len(trials), "epochs_measured": len(plain), "sweep_wall_s": round(sweep_s, 1),
+        "cpus": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2),
         # While the trial trained: Train's worker's share of the CPU time spent, and the rest's.
         "cpu_while_training": cpu.summary(),
     }
@@ -227,11 +356,13 @@ def main(argv: list[str] | None = None) -> int:
           f"(goal <= {GOALS['median_epoch_overhead_s'] * 1000:.0f} ms)")
     print(f"checkpoint: median {out['checkpoint_s'] * 1000:.1f} ms over {len(saved)} checkpoints")
     print(f"time to first optimizer step: median {out['time_to_first_step_s']:.2f} s over {len(trials)} trials "
-          f"(goal <= {GOALS['time_to_first_step_s']:g} s); parts: " +
-          ", ".join(f"{k[5:-2]} {v:.2f} s" for k, v in out["startup_parts_s"].items()))
-    print(f"training img/s: in the trial {in_trial:.1f}, same loop outside Ray {before:.1f} (before) / "
-          f"{after:.1f} (after): ratio {out['in_trial_vs_bench_img_s']:.3f} "
-          f"(goal >= {GOALS['in_trial_vs_bench_img_s']:g})")
+          f"(goal <= {GOALS['time_to_first_step_s']:g} s; each: "
+          + ", ".join(f"{t:.2f}" for t in out["time_to_first_step_s_each"]) + " s); median parts: "
+          + ", ".join(f"{k[5:-2]} {v:.2f} s" for k, v in out["startup_parts_s"].items()))
+    how = (f"interleaved over {out['pauses']} pauses" if interleaved else "the loop before and after the sweep")
+    print(f"training img/s: in the trial {in_trial:.1f} (median of {len(inside)} epochs), same loop outside "
+          f"Ray {reference_s:.1f} (median of {len(outside)} epochs, {how}): ratio "
+          f"{out['in_trial_vs_bench_img_s']:.3f} (goal >= {GOALS['in_trial_vs_bench_img_s']:g})")
     if out["cpu_while_training"]:
         c = out["cpu_while_training"]
         print(f"CPU while the trial trained: Train's worker {c['worker_share']:.0%}, other processes "
