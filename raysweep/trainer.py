@@ -209,10 +209,10 @@ def build_trainer(cfg: Config, prepared, fraction: float, seed: int, *, use_gpu:
 # Env vars the Train controller reads (Ray Train propagates them from the process that calls
 # fit). Its poll collects reports: Ray's default, 2 s, delays each report (and a trial's end)
 # by up to 2 s. The loop no longer waits for it (raysweep.reporting), and each poll wakes the
-# controller and the worker: 0.25 s. The preemption watcher is one more actor per trial, for
+# controller and the worker: 0.5 s, half the loop's REPORT_EVERY_S. The preemption watcher is one more actor per trial, for
 # spot preemption notices a sweep does not use; Train's Prometheus metrics cost every report a
 # little, for dashboards a sweep has its own display for. A value the user set wins.
-TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
              "RAY_TRAIN_METRICS_ENABLED": "0"}
 
 
