@@ -243,7 +243,6 @@ def run_trial(params: dict, *, cfg_dict: dict, prepared, plan, train_storage: st
     import ray.train
     import ray.tune
 
-
     for key, value in TRAIN_ENV.items():
         os.environ.setdefault(key, value)
     cfg = Config.from_dict(cfg_dict)
@@ -259,6 +258,9 @@ def run_trial(params: dict, *, cfg_dict: dict, prepared, plan, train_storage: st
     # epochs); a runtime env costs each worker a set-up, so one-thread trials go without.
     threads = _worker_threads(cfg, plan)
     worker_env = {} if threads == 1 else {"env_vars": {"OMP_NUM_THREADS": str(threads)}}
+    # Train gives its workers a runtime env of their own anyway (the env vars it propagates), so
+    # the hook that imports torch while Train sets the worker up costs no process start.
+    worker_env["worker_process_setup_hook"] = "raysweep.warm.warm_worker"
     run_config = ray.train.RunConfig(
         name=f"trial_{trial_id}",
         storage_path=train_storage,
