@@ -2,9 +2,10 @@
 
 Each epoch trains, evaluates, decides on early stopping and on a checkpoint, and reports once
 with where its time went. Reports leave from a thread of their own (raysweep.reporting), so the
-loop never waits for Train's controller to collect one. Checkpoints are written straight into the Train run directory (no
-staging copy) and carry the metrics of every epoch so far: a restarted worker replays them,
-so Tune's files end up with every epoch exactly once (raysweep/trial_logs.py drops repeats).
+loop never waits for Train's controller to collect one. Checkpoints are written straight into
+the Train run directory (no staging copy) and carry the metrics of every epoch so far: a
+restarted worker replays them, so Tune's files end up with every epoch exactly once
+(raysweep/trial_logs.py drops repeats).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from raysweep.metrics import clearly_below_chance, primary_k
 from raysweep.model import describe, needs_torchvision
 from raysweep.reporting import Reporter
 from raysweep.runner import BestWeights, Runner, epochs_for_budget
+from raysweep.warm import import_in_thread
 
 STATE_FILE = "state.pt"  # model, optimizer, scheduler, RNG states, epoch, best-so-far
 BEST_FILE = "best_model.pt"  # the best-validation weights (the final checkpoint holds only these)
@@ -120,27 +122,14 @@ def _load_data(config: dict, rank: int, world: int, device: torch.device, batch_
     return splits
 
 
-def _import_in_background(*modules: str):
-    """Start importing `modules` in a thread; join it before use. They are first needed once
-    the data has loaded, which mostly waits on Ray Data's tasks: overlap the two. torch._dynamo
-    (1.6 s on a small CPU) is imported by the first optimizer built, whether or not anything is
-    compiled; torchvision (~1.5 s) by a torchvision model."""
-    import importlib
-    import threading
-
-    def run() -> None:
-        for module in modules:
-            importlib.import_module(module)
-
-    thread = threading.Thread(target=run, name="raysweep-imports", daemon=True)
-    thread.start()
-    return thread
-
-
 def train_loop_per_worker(config: dict) -> None:
     t_enter = time.time()
+    # First needed once the data has loaded, which mostly waits on Ray Data's tasks: overlap the
+    # two (a no-op where the worker's setup hook, raysweep.warm, has imported them already).
+    # torch._dynamo (1.6 s on a small CPU) is imported by the first optimizer built, whether or
+    # not anything is compiled; torchvision (~1.5 s) by a torchvision model.
     models = ["torchvision.models"] if needs_torchvision(**config["model"]) else []
-    imports = _import_in_background("torch._dynamo", *models)
+    imports = import_in_thread("torch._dynamo", *models)
     import ray.train
     import ray.train.torch
     from ray.train import CheckpointUploadMode

@@ -95,9 +95,10 @@ class ForwardReports(UserCallback):
             f.write(lines)
 
 
-# How often Train's placement-group cleaner asks whether the controller still lives (Ray's
-# default, 1 s, is a State API query through the dashboard: 3% of a core on a 2-core machine
-# while a trial trains). A dead controller's placement group is freed this much later.
+# How often Train's placement-group cleaner asks whether the controller still lives. Each ask
+# is a State API query through the dashboard; at Ray's default, every second, the cleaner took
+# 1.5-3.4% of a core on a 2-core machine while a trial trained (~1%, an idle process's cost,
+# at 10 s). A dead controller's placement group is freed this much later.
 PG_CHECK_INTERVAL_S = 10.0
 
 
@@ -209,9 +210,10 @@ def build_trainer(cfg: Config, prepared, fraction: float, seed: int, *, use_gpu:
 # Env vars the Train controller reads (Ray Train propagates them from the process that calls
 # fit). Its poll collects reports: Ray's default, 2 s, delays each report (and a trial's end)
 # by up to 2 s. The loop no longer waits for it (raysweep.reporting), and each poll wakes the
-# controller and the worker: 0.5 s, half the loop's REPORT_EVERY_S. The preemption watcher is one more actor per trial, for
-# spot preemption notices a sweep does not use; Train's Prometheus metrics cost every report a
-# little, for dashboards a sweep has its own display for. A value the user set wins.
+# controller and the worker: 0.5 s, half the loop's REPORT_EVERY_S. The preemption watcher is
+# one more actor per trial, for spot preemption notices a sweep does not use; Train's
+# Prometheus metrics cost every report a little, for dashboards a sweep has its own display
+# for. A value the user set wins.
 TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
              "RAY_TRAIN_METRICS_ENABLED": "0"}
 
@@ -255,11 +257,11 @@ def run_trial(params: dict, *, cfg_dict: dict, prepared, plan, train_storage: st
     os.close(handle)
     # OpenMP sizes its pool when a process starts, and Ray starts workers with 1 thread: a CPU
     # trial with more threads gets workers that start with its count (measured: ~12% faster
-    # epochs); a runtime env costs each worker a set-up, so one-thread trials go without.
+    # epochs). Train gives its workers a runtime env of their own anyway (the env vars it
+    # propagates: they never reuse an idle process), so neither this nor the hook that imports
+    # torch while Train sets the worker up (raysweep.warm) costs a process start.
     threads = _worker_threads(cfg, plan)
     worker_env = {} if threads == 1 else {"env_vars": {"OMP_NUM_THREADS": str(threads)}}
-    # Train gives its workers a runtime env of their own anyway (the env vars it propagates), so
-    # the hook that imports torch while Train sets the worker up costs no process start.
     worker_env["worker_process_setup_hook"] = "raysweep.warm.warm_worker"
     run_config = ray.train.RunConfig(
         name=f"trial_{trial_id}",

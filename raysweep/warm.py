@@ -26,17 +26,28 @@ def _title() -> bytes | None:
         return None
 
 
-def _warm(wait_s: float, poll_s: float) -> None:
+def _import(modules) -> None:
     import importlib
 
+    for module in modules:
+        importlib.import_module(module)
+
+
+def import_in_thread(*modules: str) -> threading.Thread:
+    """Start importing `modules`, in order, in a daemon thread; join it before using them."""
+    thread = threading.Thread(target=_import, args=(modules,), name="raysweep-imports", daemon=True)
+    thread.start()
+    return thread
+
+
+def _warm(wait_s: float, poll_s: float) -> None:
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         title = _title()
         if title is None:
             return
         if title.startswith(TRAIN_WORKER):
-            for module in MODULES:
-                importlib.import_module(module)
+            _import(MODULES)
             return
         if title.startswith(b"ray::") and not title.startswith(b"ray::IDLE"):
             return  # a task's process (a Ray Data read): not the trainer
