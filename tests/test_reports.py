@@ -121,7 +121,7 @@ def test_epochs_faster_than_the_collector_travel_together_and_none_waits():
     assert epochs == list(range(1, 41))
     assert 2 <= len(collector.reports) <= 20  # ~0.45 s of epochs over a 0.1 s poll: batched
     assert [e for batch in delivered for e in batch] == epochs  # the ledger hook saw each report
-    assert waited < 0.2  # handing over never waits for the collector (here: 0.1 ms in all)
+    assert waited < 0.2  # handing over never waits for the collector (here: 0.15-0.25 ms in all)
 
 
 def test_send_waits_for_the_report_out_and_passes_its_arguments():
