@@ -27,6 +27,9 @@ REPO = Path(__file__).resolve().parent.parent
 # once per process, so a test that imports ray first would otherwise fix it to "disabled".
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
+# No Ray Data usage poller in the test process: it queries Prometheus every 10 s from a daemon
+# thread, and one caught by the end of the session printed a traceback after pytest's summary.
+os.environ.setdefault("RAY_DATA_USAGE_DISABLED", "1")
 RAY = str(Path(sys.executable).parent / "ray")
 
 
