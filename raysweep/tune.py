@@ -160,6 +160,14 @@ def main(argv: list[str] | None = None) -> int:
         # those, so every trial's data reads waited on new worker processes (2.7 s of a trial's
         # start-up here, 0.8 s with idle workers kept: bench overhead).
         os.environ.setdefault("RAY_num_workers_soft_limit", str(max(12, 6 * (os.cpu_count() or 1))))
+        # Ray starts one idle worker per CPU for the driver's job; a trial's actors and reads run
+        # with their own runtime environment (raysweep.warm's hook) and never take them, so they
+        # only sat idle through every trial, each waking ~150 times a second (bench overhead).
+        os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+        # Ray's log monitor globs the session's log folder 10 times a second while it holds under
+        # 1,000 files; at 0 it does so every 0.5 s (LOG_NAME_UPDATE_INTERVAL_S), and still tails
+        # the files it knows 10 times a second. A new worker's first lines come <= 0.5 s later.
+        os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
     t0 = time.time()
     info = start_or_join(address=args.address, num_gpus=local_plan.gpus if local_plan else args.num_gpus,
                          dashboard_host=args.dashboard_host, quiet=not verbose)
