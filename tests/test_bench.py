@@ -1,13 +1,14 @@
 """The overhead bench's parts without Ray: its CPU accounting (made-up samples), the pause of a
-real process tree, and the split of epochs around pauses."""
+real process tree, and the split of epochs around pauses and pairing of them."""
 
 import subprocess
 import sys
+import statistics
 import time
 
 import pytest
 
-from raysweep.bench.overhead import CpuWatch, paused, split_by_pauses
+from raysweep.bench.overhead import CpuWatch, paired_ratios, paused, split_by_pauses
 
 W, RAYLET, GCS = "ray::RayTrainWorker", "raylet", "gcs_server"
 
@@ -59,6 +60,23 @@ def test_epochs_that_overlap_a_pause_are_left_out_and_pauses_outside_the_trial_t
     assert outside == [200.0, 201.0, 202.0]
     assert 105.0 in split_by_pauses(rows, pauses, settle_s=0.0)[0]
     assert split_by_pauses([{"epoch": 1}], pauses) == ([], [])
+
+
+def test_paired_ratios_cancel_a_drift_that_pooled_medians_do_not():
+    # The machine doubles its speed at t=4.5 s: the trial runs at 0.9x the loop throughout (90
+    # then 180 img/s; the loop 100 then 200), but the slow pause holds more loop epochs, so the
+    # pooled medians say 1.8. Epochs 3, 5, 6 and 10 overlap or follow a pause and are left out.
+    rows = [_row(e, float(e), 1.0, 90.0 if e <= 4 else 180.0) for e in range(1, 13)]
+    pauses = [(2.2, 2.4, [100.0, 100.0, 100.0]), (4.5, 4.6, [200.0]), (9.1, 9.3, [200.0]),
+              (30.0, 31.0, [1.0])]  # the last after the trial: not compared
+    inside, outside = split_by_pauses(rows, pauses)
+    assert statistics.median(inside) / statistics.median(outside) == pytest.approx(1.8)
+    assert paired_ratios(rows, pauses) == pytest.approx([0.9, 0.9, 0.9])
+    # A pause with fewer than two clean epochs between its neighbours gives no ratio: one more
+    # at 3.1 s leaves epoch 2 alone before it, and nothing between it and its neighbours.
+    crowded = pauses[:1] + [(3.1, 3.2, [100.0])] + pauses[1:]
+    assert paired_ratios(rows, crowded) == pytest.approx([0.9, 0.9])
+    assert paired_ratios([{"epoch": 1}], pauses) == []
 
 
 COUNTER = """

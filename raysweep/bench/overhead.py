@@ -11,8 +11,10 @@ cost and the time to the first optimizer step.
 images in this process, outside Ray. A small machine's speed drifts by 10-20% over tens of
 seconds, more than the effect measured, so the two are interleaved: while the largest trial
 trains, the sweep's whole process tree (driver, Ray, the trial) is paused every few seconds for
-a couple of epochs of the loop here, then resumed. Each side's figure is the median over the
-same minute; the trial's epochs that overlap a pause (or follow one closely) are left out.
+a couple of epochs of the loop here, then resumed. The trial's epochs that overlap a pause (or
+follow one closely) are left out. Each pause gives a ratio: the trial's img/s over the epochs
+between it and the pauses either side, over the loop's in the pause; the figure is their median.
+The pooled ratio (all the trial's epochs over all the loop's) is printed too.
 The last line printed is a JSON object.
 """
 
@@ -37,7 +39,7 @@ GOALS = {"median_epoch_overhead_s": 0.1, "time_to_first_step_s": 8.0, "in_trial_
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m raysweep.bench overhead", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epochs", type=int, default=40, help="epochs per trial (default: 40)")
+    p.add_argument("--epochs", type=int, default=60, help="epochs per trial (default: 60)")
     p.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.5, 0.25],
                    help="training fractions, one trial each, largest first (default: 1 0.5 0.25)")
     p.add_argument("--train-per-class", type=int, default=40,
@@ -153,7 +155,7 @@ def interleave(sweep: subprocess.Popen, runs: Path, reference: OutsideRay, epoch
     Returns each pause's (start, end, img/s of its epochs)."""
     pauses, due = [], None
     while sweep.poll() is None:
-        time.sleep(0.05)
+        time.sleep(0.2)
         epoch = _reported_epoch(runs)
         if epoch is None or not 2 <= epoch <= epochs - 4:
             due = None
@@ -169,6 +171,16 @@ def interleave(sweep: subprocess.Popen, runs: Path, reference: OutsideRay, epoch
     return pauses
 
 
+def _clean_epochs(rows: list[dict], pauses: list[tuple[float, float, list[float]]],
+                  settle_s: float) -> list[tuple[float, float, float]]:
+    """(start, end, img/s) of the trial's training passes from epoch 2 on that overlap no pause,
+    nor start within `settle_s` after one (while Ray catches up)."""
+    return [(r["trained_at"] - r["time_train_s"], r["trained_at"], r["images_per_sec"]) for r in rows[1:]
+            if "trained_at" in r
+            and not any(r["trained_at"] - r["time_train_s"] < end + settle_s and r["trained_at"] > start
+                        for start, end, _ in pauses)]
+
+
 def split_by_pauses(rows: list[dict], pauses: list[tuple[float, float, list[float]]],
                     settle_s: float = 0.5) -> tuple[list[float], list[float]]:
     """The trial's training img/s (epochs 2.. whose training pass overlaps no pause, nor starts
@@ -179,11 +191,30 @@ def split_by_pauses(rows: list[dict], pauses: list[tuple[float, float, list[floa
         return [], []
     first = min(r["trained_at"] - r["time_train_s"] for r in trained)
     last = max(r["trained_at"] for r in trained)
-    inside = [r["images_per_sec"] for r in trained
-              if not any(r["trained_at"] - r["time_train_s"] < end + settle_s and r["trained_at"] > start
-                         for start, end, _ in pauses)]
+    inside = [rate for _, _, rate in _clean_epochs(rows, pauses, settle_s)]
     outside = [rate for start, end, rates in pauses if first <= start and end <= last for rate in rates]
     return inside, outside
+
+
+def paired_ratios(rows: list[dict], pauses: list[tuple[float, float, list[float]]],
+                  settle_s: float = 0.5) -> list[float]:
+    """One ratio per pause within the trial's training: the median img/s of the trial's clean
+    epochs between the pauses either side of it, over the median of the pause's own loop epochs.
+    Both sides of each ratio ran within a few seconds of each other, so a drift of the machine's
+    speed over tens of seconds cancels in it, where it does not between two pooled medians."""
+    clean = _clean_epochs(rows, pauses, settle_s)
+    if not clean:
+        return []
+    first, last = min(c[0] for c in clean), max(c[1] for c in clean)
+    inner = sorted(p for p in pauses if first <= p[0] and p[1] <= last)
+    ratios = []
+    for i, (start, end, rates) in enumerate(inner):
+        lo = inner[i - 1][1] if i else float("-inf")
+        hi = inner[i + 1][0] if i + 1 < len(inner) else float("inf")
+        near = [rate for a, b, rate in clean if a >= lo and b <= hi]
+        if len(near) >= 2 and rates:
+            ratios.append(statistics.median(near) / statistics.median(rates))
+    return ratios
 
 
 class CpuWatch:
@@ -301,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd += ["--address", a.address]
             before = reference.epochs(a.epochs)
         t0 = time.time()
-        with CpuWatch(exclude={os.getpid()}) as cpu:
+        with CpuWatch(interval=2.0, exclude={os.getpid()}) as cpu:
             sweep = subprocess.Popen(cmd)
             try:
                 pauses = interleave(sweep, work / "results" / "sweep" / TRAIN_RUNS, reference, a.epochs,
@@ -325,12 +356,17 @@ def main(argv: list[str] | None = None) -> int:
     largest = max(trials, key=lambda rows: rows[0]["n_train"])
     if interleaved:
         inside, outside = split_by_pauses(largest, pauses)
+        pairs = paired_ratios(largest, pauses)
     else:
-        inside, outside = [r["images_per_sec"] for r in largest[1:]], pauses[0][2]
-    if len(inside) < 3 or len(outside) < 3:
+        inside, outside, pairs = [r["images_per_sec"] for r in largest[1:]], pauses[0][2], []
+    if len(inside) < 3 or len(outside) < 3 or (interleaved and len(pairs) < 3):
         raise RaysweepError(f"too few epochs to compare ({len(inside)} in the trial, {len(outside)} outside "
-                            "Ray): raise --epochs or lower --pause-every")
+                            f"Ray, {len(pairs)} pauses with trial epochs either side): raise --epochs or "
+                            "lower --pause-every")
     in_trial, reference_s = statistics.median(inside), statistics.median(outside)
+    pooled = in_trial / reference_s
+    ratio = statistics.median(pairs) if pairs else pooled
+    quartiles = statistics.quantiles(pairs, n=4) if len(pairs) >= 2 else [ratio, ratio, ratio]
     out = {
         "median_epoch_overhead_s": round(statistics.median(overhead), 4),
         "max_epoch_overhead_s": round(max(overhead), 4),
@@ -341,7 +377,11 @@ def main(argv: list[str] | None = None) -> int:
         "startup_parts_s": {k: round(statistics.median(rows[0][k] for rows in trials), 2)
                             for k in ("time_setup_s", "time_launch_s", "time_data_load_s")},
         "median_report_s": round(statistics.median(r["time_report_s"] for rows in trials for r in rows[1:]), 4),
-        "in_trial_vs_bench_img_s": round(in_trial / reference_s, 3),
+        # Interleaved: the median over pauses of (the trial's img/s around the pause) / (the loop's
+        # in it). Pooled: the median of all the trial's epochs over that of all the loop's.
+        "in_trial_vs_bench_img_s": round(ratio, 3),
+        "in_trial_vs_bench_img_s_quartiles": [round(quartiles[0], 3), round(quartiles[2], 3)],
+        "in_trial_vs_bench_img_s_pooled": round(pooled, 3), "paired_pauses": len(pairs),
         "in_trial_img_s": round(in_trial, 1), "bench_img_s": round(reference_s, 1),
         "bench_img_s_warm_up": round(statistics.median(warm), 1), "interleaved": interleaved,
         "pauses": len(pauses) if interleaved else 0, "in_trial_epochs": len(inside), "bench_epochs": len(outside),
@@ -361,8 +401,12 @@ def main(argv: list[str] | None = None) -> int:
           + ", ".join(f"{k[5:-2]} {v:.2f} s" for k, v in out["startup_parts_s"].items()))
     how = (f"interleaved over {out['pauses']} pauses" if interleaved else "the loop before and after the sweep")
     print(f"training img/s: in the trial {in_trial:.1f} (median of {len(inside)} epochs), same loop outside "
-          f"Ray {reference_s:.1f} (median of {len(outside)} epochs, {how}): ratio "
-          f"{out['in_trial_vs_bench_img_s']:.3f} (goal >= {GOALS['in_trial_vs_bench_img_s']:g})")
+          f"Ray {reference_s:.1f} (median of {len(outside)} epochs, {how}): pooled ratio {pooled:.3f}")
+    if not pairs:
+        print(f"  (goal >= {GOALS['in_trial_vs_bench_img_s']:g})")
+    else:
+        print(f"  paired, pause by pause: median ratio {ratio:.3f} over {len(pairs)} pauses (quartiles "
+              f"{quartiles[0]:.3f}-{quartiles[2]:.3f}) (goal >= {GOALS['in_trial_vs_bench_img_s']:g})")
     if out["cpu_while_training"]:
         c = out["cpu_while_training"]
         print(f"CPU while the trial trained: Train's worker {c['worker_share']:.0%}, other processes "
