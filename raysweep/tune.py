@@ -11,6 +11,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -101,6 +102,49 @@ def _n_train_plan(cfg: Config, prepared) -> dict[tuple[float, int], dict]:
     return plan
 
 
+def _local_cluster_exited(wait_s: float = 0.5) -> bool:
+    """True if this driver started Ray here and one of Ray's processes exits within `wait_s`: a
+    SIGTERM sent to the whole process group (a batch scheduler, `timeout`) reached them too.
+    Measured: the dashboard and log monitor exit at once, the raylet drains for 10 s, then the
+    driver's last calls wait on it."""
+    try:
+        import ray._private.worker as ray_worker
+
+        procs = [i.process for infos in ray_worker._global_node.all_processes.values() for i in infos]
+    except Exception:  # noqa: BLE001  (no local node, or a Ray that keeps its processes elsewhere)
+        return False
+    deadline = time.time() + wait_s
+    while procs and time.time() < deadline:
+        if any(p.poll() is not None for p in procs):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def stop_on_sigterm(resume: str) -> None:
+    """Make SIGTERM (`kill`, `docker stop`, a batch scheduler's time limit) stop the sweep as
+    Ctrl-C does: Tune ends the running trials, saves the experiment, and the sweep prints its
+    `--resume` line. A second SIGTERM stops at once. Where the signal also ended the Ray this
+    driver started (sent to the process group), nothing can be ended cleanly any more: the driver
+    prints the resume line and exits at once (the experiment as saved at most 2 s before, and
+    each trial's last checkpoint, are on disk). Call after `ray.init`, whose own handler dumps
+    a C++ stack trace and aborts the driver without a last save, or waits a minute for a GCS
+    that is gone."""
+    import threading
+
+    def on_sigterm(signum, frame):
+        if _local_cluster_exited():
+            print(f"\nraysweep: SIGTERM reached Ray's processes too; stopping now. Continue the sweep with:\n"
+                  f"  {resume}", file=sys.stderr, flush=True)
+            os._exit(128 + signal.SIGTERM)
+        print("\nraysweep: SIGTERM: stopping the sweep after saving its state (again to stop now)",
+              file=sys.stderr, flush=True)
+        signal.raise_signal(signal.SIGINT)  # Tune's handler the first time, KeyboardInterrupt after
+
+    if threading.current_thread() is threading.main_thread():  # Python installs handlers only there
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -171,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     info = start_or_join(address=args.address, num_gpus=local_plan.gpus if local_plan else args.num_gpus,
                          dashboard_host=args.dashboard_host, quiet=not verbose)
+    stop_on_sigterm(f"python -m raysweep.tune --resume --name {name} --storage-path {storage}")
     plan = plan_resources(cluster_cpus=info["cpus"], cluster_gpus=info["gpus"],
                           gpus_per_trial=cfg.sweep.gpus_per_trial, cpus_per_trial=cfg.sweep.cpus_per_trial,
                           gpus_per_trial_explicit=args.gpus_per_trial is not None,
