@@ -215,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     info = start_or_join(address=args.address, num_gpus=local_plan.gpus if local_plan else args.num_gpus,
                          dashboard_host=args.dashboard_host, quiet=not verbose)
-    stop_on_sigterm(f"python -m raysweep.tune --resume --name {name} --storage-path {storage}")
+    resume = f"python -m raysweep.tune --resume --name {name} --storage-path {storage}"
+    stop_on_sigterm(resume)
     plan = plan_resources(cluster_cpus=info["cpus"], cluster_gpus=info["gpus"],
                           gpus_per_trial=cfg.sweep.gpus_per_trial, cpus_per_trial=cfg.sweep.cpus_per_trial,
                           gpus_per_trial_explicit=args.gpus_per_trial is not None,
@@ -287,7 +288,6 @@ def main(argv: list[str] | None = None) -> int:
     bad = [r for r in rows if r["status"] != "TERMINATED"]
     stopped = [r for r in rows if r["status"] in ("UNFINISHED", "NOT_STARTED")]
     unlearned = [r for r in rows if r["status"] == "TERMINATED" and r.get("learned") is False]
-    resume = f"python -m raysweep.tune --resume --name {name} --storage-path {storage}"
     manifest.finish(exp_dir, trials=counts, status="interrupted" if stopped else "failed" if bad else "finished")
     if stopped:  # interrupted: the resume line, and nothing that suggests the sweep is done
         print(f"\nInterrupted after {wall:.0f} s: {len(rows) - len(stopped)} of {len(rows)} trials ended. "

@@ -1,9 +1,9 @@
 """The overhead bench's parts without Ray: its CPU accounting (made-up samples), the pause of a
 real process tree, and the split of epochs around pauses and pairing of them."""
 
+import statistics
 import subprocess
 import sys
-import statistics
 import time
 
 import pytest
