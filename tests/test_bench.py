@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from raysweep.bench.overhead import CpuWatch, paired_ratios, paused, split_by_pauses
+from raysweep.bench.overhead import CpuWatch, beside_over_alone, paired_ratios, paused, split_by_pauses
 
 W, RAYLET, GCS = "ray::RayTrainWorker", "raylet", "gcs_server"
 
@@ -79,6 +79,18 @@ def test_paired_ratios_cancel_a_drift_that_pooled_medians_do_not():
     assert paired_ratios([{"epoch": 1}], pauses) == []
 
 
+def test_the_loop_beside_ray_is_compared_with_the_loop_alone_in_the_same_pause():
+    rows = [_row(e, float(e), 1.0, 90.0) for e in range(1, 11)]  # training passes from 1 s to 10 s
+    alone = [(2.2, 2.6, [100.0, 120.0]), (5.2, 5.6, [200.0, 200.0]), (7.2, 7.6, [100.0]),
+             (8.2, 8.6, [100.0]), (30.0, 31.0, [100.0])]
+    beside = [(2.2, 2.6, [88.0, 110.0]), (5.2, 5.6, [180.0, 170.0]), (7.2, 7.6, []),
+              (8.2, 8.6, [50.0]), (30.0, 31.0, [50.0])]
+    # 99/110, 175/200, none (no loop beside Ray: no worker was found), 50/100; the last pause is
+    # after the trial.
+    assert beside_over_alone(rows, alone, beside) == pytest.approx([0.9, 0.875, 0.5])
+    assert beside_over_alone([{"epoch": 1}], alone, beside) == []
+
+
 COUNTER = """
 import subprocess, sys, time
 child = subprocess.Popen([sys.executable, "-c", "import time\\nwhile True: time.sleep(1)"])
@@ -110,6 +122,35 @@ def test_a_paused_process_tree_stops_and_resumes():
         while line < stamp:
             line = float(proc.stdout.readline())
         assert line > stamp + 0.5
+    finally:
+        for p in psutil.Process(proc.pid).children(recursive=True):
+            p.kill()
+        proc.kill()
+        proc.wait()
+
+
+def test_a_pause_can_stop_only_the_processes_chosen():
+    import ray  # noqa: F401
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-c", COUNTER], stdout=subprocess.PIPE, text=True)
+    try:
+        proc.stdout.readline()
+        time.sleep(0.5)  # the child is up
+        parent = psutil.Process(proc.pid)
+        (child,) = parent.children(recursive=True)
+        with paused(proc.pid, only=lambda p: p.pid == child.pid) as n:
+            assert n == 1
+            time.sleep(0.2)
+            assert child.status() == psutil.STATUS_STOPPED
+            assert parent.status() != psutil.STATUS_STOPPED
+            # The parent goes on printing while its child is stopped.
+            stamp = time.monotonic()
+            line = float(proc.stdout.readline())
+            while line < stamp:
+                line = float(proc.stdout.readline())
+            assert line < stamp + 0.5
+        assert child.status() != psutil.STATUS_STOPPED
     finally:
         for p in psutil.Process(proc.pid).children(recursive=True):
             p.kill()

@@ -15,6 +15,12 @@ a couple of epochs of the loop here, then resumed. The trial's epochs that overl
 follow one closely) are left out. Each pause gives a ratio: the trial's img/s over the epochs
 between it and the pauses either side, over the loop's in the pause; the figure is their median.
 The pooled ratio (all the trial's epochs over all the loop's) is printed too.
+
+Each pause first runs the loop with only the trial's worker stopped (Ray's other processes, the
+driver's, Tune's, Train's and Ray Data's, run on), then with everything stopped. The trial over
+the loop beside Ray (`in_trial_vs_beside_ray_img_s`) says what the trial's own loop costs; the
+loop beside Ray over the loop alone (`beside_ray_vs_bench_img_s`), what Ray's other processes
+cost it. The first times the second is about the headline ratio.
 The last line printed is a JSON object.
 """
 
@@ -105,9 +111,10 @@ class OutsideRay:
 
 
 @contextlib.contextmanager
-def paused(root_pid: int):
-    """Stop (SIGSTOP) the process `root_pid` and every process under it, and resume them on
-    leaving, whatever happens inside. Yields how many were stopped."""
+def paused(root_pid: int, only=None):
+    """Stop (SIGSTOP) the process `root_pid` and every process under it (those of them for which
+    `only(psutil.Process)` is true, if given), and resume them on leaving, whatever happens
+    inside. Yields how many were stopped."""
     import ray  # noqa: F401  (puts Ray's bundled psutil on the path)
     import psutil
 
@@ -120,6 +127,8 @@ def paused(root_pid: int):
     try:
         for proc in procs:
             with contextlib.suppress(psutil.NoSuchProcess):
+                if only is not None and not only(proc):
+                    continue
                 proc.suspend()
                 stopped.append(proc)
         yield len(stopped)
@@ -148,12 +157,25 @@ def _reported_epoch(runs: Path, fresh_s: float = 2.0) -> int | None:
         return None
 
 
+def is_train_worker(proc) -> bool:
+    """Whether a psutil.Process is a trial's Ray Train worker (by the title Ray gives it)."""
+    try:
+        return (proc.cmdline() or [""])[0].startswith(CpuWatch.WORKER)
+    except Exception:  # gone, or not ours to read
+        return False
+
+
+Pause = tuple[float, float, list[float]]  # (start, end, img/s of the loop's epochs in it)
+
+
 def interleave(sweep: subprocess.Popen, runs: Path, reference: OutsideRay, epochs: int, every_s: float,
-               per_pause: int) -> list[tuple[float, float, list[float]]]:
+               per_pause: int) -> tuple[list[Pause], list[Pause]]:
     """Until the sweep ends: whenever a trial is training (past its 2nd epoch, and not near its
-    last), pause the sweep every `every_s` seconds for `per_pause` epochs of the loop here.
-    Returns each pause's (start, end, img/s of its epochs)."""
-    pauses, due = [], None
+    last), pause it every `every_s` seconds for 2 x `per_pause` epochs of the loop here: first
+    with only the trial's worker stopped (the loop beside Ray's other processes), then with the
+    whole sweep stopped (the loop alone). Returns each pause's loop alone and loop beside Ray, as
+    (start, end, img/s of its epochs), both spanning the whole pause."""
+    alone, beside, due = [], [], None
     while sweep.poll() is None:
         time.sleep(0.2)
         epoch = _reported_epoch(runs)
@@ -163,12 +185,16 @@ def interleave(sweep: subprocess.Popen, runs: Path, reference: OutsideRay, epoch
         if due is None:
             due = time.time() + every_s
         elif time.time() >= due:
+            start = time.time()
+            with paused(sweep.pid, only=is_train_worker) as n:
+                next_to_ray = reference.epochs(per_pause) if n else []
             with paused(sweep.pid):
-                start = time.time()
-                rates = reference.epochs(per_pause)
-                pauses.append((start, time.time(), rates))
+                by_itself = reference.epochs(per_pause)
+            end = time.time()
+            alone.append((start, end, by_itself))
+            beside.append((start, end, next_to_ray))
             due = time.time() + every_s
-    return pauses
+    return alone, beside
 
 
 def _clean_epochs(rows: list[dict], pauses: list[tuple[float, float, list[float]]],
@@ -186,11 +212,9 @@ def split_by_pauses(rows: list[dict], pauses: list[tuple[float, float, list[floa
     """The trial's training img/s (epochs 2.. whose training pass overlaps no pause, nor starts
     within `settle_s` after one, while Ray catches up) and the outside loop's (the pauses within
     the trial's training)."""
-    trained = [r for r in rows[1:] if "trained_at" in r]
-    if not trained:
+    if not any("trained_at" in r for r in rows[1:]):
         return [], []
-    first = min(r["trained_at"] - r["time_train_s"] for r in trained)
-    last = max(r["trained_at"] for r in trained)
+    first, last = _training_span(rows)
     inside = [rate for _, _, rate in _clean_epochs(rows, pauses, settle_s)]
     outside = [rate for start, end, rates in pauses if first <= start and end <= last for rate in rates]
     return inside, outside
@@ -215,6 +239,14 @@ def paired_ratios(rows: list[dict], pauses: list[tuple[float, float, list[float]
         if len(near) >= 2 and rates:
             ratios.append(statistics.median(near) / statistics.median(rates))
     return ratios
+
+
+def beside_over_alone(rows: list[dict], alone: list[Pause], beside: list[Pause]) -> list[float]:
+    """Pause by pause, within the trial's training: the loop's median img/s beside Ray's other
+    processes over its median alone, in the same pause."""
+    first, last = _training_span(rows)
+    return [statistics.median(b[2]) / statistics.median(a[2]) for a, b in zip(alone, beside)
+            if a[2] and b[2] and first <= a[0] and a[1] <= last]
 
 
 class CpuWatch:
@@ -285,6 +317,25 @@ class CpuWatch:
                 "top_others": {name: round(t / total, 3) for name, t in top}}
 
 
+def _training_span(rows: list[dict]) -> tuple[float, float]:
+    """When a trial's training passes (epochs 2..) began and ended."""
+    trained = [r for r in rows[1:] if "trained_at" in r]
+    if not trained:
+        return 0.0, 0.0
+    return min(r["trained_at"] - r["time_train_s"] for r in trained), max(r["trained_at"] for r in trained)
+
+
+def _median_or_none(xs: list[float]) -> float | None:
+    return round(statistics.median(xs), 3) if xs else None
+
+
+def _quartiles_or_none(xs: list[float]) -> list[float] | None:
+    if len(xs) < 2:
+        return None
+    q = statistics.quantiles(xs, n=4)
+    return [round(q[0], 3), round(q[2], 3)]
+
+
 def _trial_rows(exp: Path) -> list[list[dict]]:
     trials = []
     for result in sorted(exp.glob("*/result.json")):
@@ -335,8 +386,8 @@ def main(argv: list[str] | None = None) -> int:
         with CpuWatch(interval=2.0, exclude={os.getpid()}) as cpu:
             sweep = subprocess.Popen(cmd)
             try:
-                pauses = interleave(sweep, work / "results" / "sweep" / TRAIN_RUNS, reference, a.epochs,
-                                    a.pause_every, a.pause_epochs) if interleaved else []
+                pauses, beside = interleave(sweep, work / "results" / "sweep" / TRAIN_RUNS, reference, a.epochs,
+                                            a.pause_every, a.pause_epochs) if interleaved else ([], [])
                 rc = sweep.wait()
             finally:
                 if sweep.poll() is None:
@@ -357,8 +408,11 @@ def main(argv: list[str] | None = None) -> int:
     if interleaved:
         inside, outside = split_by_pauses(largest, pauses)
         pairs = paired_ratios(largest, pauses)
+        beside_pairs = paired_ratios(largest, beside)
+        ray_costs = beside_over_alone(largest, pauses, beside)
     else:
         inside, outside, pairs = [r["images_per_sec"] for r in largest[1:]], pauses[0][2], []
+        beside_pairs, ray_costs = [], []
     if len(inside) < 3 or len(outside) < 3 or (interleaved and len(pairs) < 3):
         raise RaysweepError(f"too few epochs to compare ({len(inside)} in the trial, {len(outside)} outside "
                             f"Ray, {len(pairs)} pauses with trial epochs either side): raise --epochs or "
@@ -382,6 +436,12 @@ def main(argv: list[str] | None = None) -> int:
         "in_trial_vs_bench_img_s": round(ratio, 3),
         "in_trial_vs_bench_img_s_quartiles": [round(quartiles[0], 3), round(quartiles[2], 3)],
         "in_trial_vs_bench_img_s_pooled": round(pooled, 3), "paired_pauses": len(pairs),
+        # Why: the trial over the same loop beside Ray's other processes (only the trial's worker
+        # stopped), and that loop over the loop alone; their product is about the ratio above.
+        "in_trial_vs_beside_ray_img_s": _median_or_none(beside_pairs),
+        "in_trial_vs_beside_ray_img_s_quartiles": _quartiles_or_none(beside_pairs),
+        "beside_ray_vs_bench_img_s": _median_or_none(ray_costs),
+        "beside_ray_vs_bench_img_s_quartiles": _quartiles_or_none(ray_costs),
         "in_trial_img_s": round(in_trial, 1), "bench_img_s": round(reference_s, 1),
         "bench_img_s_warm_up": round(statistics.median(warm), 1), "interleaved": interleaved,
         "pauses": len(pauses) if interleaved else 0, "in_trial_epochs": len(inside), "bench_epochs": len(outside),
@@ -407,6 +467,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"  paired, pause by pause: median ratio {ratio:.3f} over {len(pairs)} pauses (quartiles "
               f"{quartiles[0]:.3f}-{quartiles[2]:.3f}) (goal >= {GOALS['in_trial_vs_bench_img_s']:g})")
+    if out["in_trial_vs_beside_ray_img_s"] is not None and out["beside_ray_vs_bench_img_s"] is not None:
+        own, others = out["in_trial_vs_beside_ray_img_s"], out["beside_ray_vs_bench_img_s"]
+        print(f"  why, pause by pause: the trial over the same loop beside Ray's other processes (only the "
+              f"trial's worker paused) {own:.3f}; that loop over the loop alone {others:.3f} "
+              f"({1 - others:.0%} lost to Ray's other processes)")
     if out["cpu_while_training"]:
         c = out["cpu_while_training"]
         print(f"CPU while the trial trained: Train's worker {c['worker_share']:.0%}, other processes "
