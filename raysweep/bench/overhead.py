@@ -57,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pause-every", type=float, default=2.0,
                    help="seconds of the trial's training between pauses for the loop outside Ray (default: 2)")
     p.add_argument("--pause-epochs", type=int, default=2,
-                   help="epochs of the loop outside Ray in each pause (default: 2)")
+                   help="epochs of the loop outside Ray in each half of a pause (beside Ray's other "
+                        "processes, then alone) (default: 2)")
     p.add_argument("--work-dir", type=Path, default=None,
                    help="where the sweep and its cache go (default: a temporary directory, removed after)")
     p.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
@@ -378,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         interleaved = not a.address
         if interleaved:
             print(f"the sweep runs; every {a.pause_every:g} s of a trial's training it is paused for "
-                  f"{a.pause_epochs} epoch(s) of the loop here", flush=True)
+                  f"{a.pause_epochs} epoch(s) of the loop here beside Ray's other processes (only the trial's "
+                  f"worker stopped), then {a.pause_epochs} with the whole sweep stopped", flush=True)
         else:  # a cluster that is not ours is not paused: the loop runs before and after the sweep
             cmd += ["--address", a.address]
             before = reference.epochs(a.epochs)
