@@ -100,36 +100,9 @@ while True:
 """
 
 
-def test_a_paused_process_tree_stops_and_resumes():
-    import ray  # noqa: F401
-    import psutil
-
-    proc = subprocess.Popen([sys.executable, "-c", COUNTER], stdout=subprocess.PIPE, text=True)
-    try:
-        proc.stdout.readline()
-        time.sleep(0.5)  # the child is up
-        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-        assert len(tree) == 2
-        with paused(proc.pid) as n:
-            assert n == 2
-            time.sleep(0.2)
-            assert all(p.status() == psutil.STATUS_STOPPED for p in tree)
-            stamp = time.monotonic()
-            time.sleep(0.5)
-        assert all(p.status() != psutil.STATUS_STOPPED for p in tree)
-        # Nothing was printed while paused: the first line stamped after resuming comes later.
-        line = float(proc.stdout.readline())
-        while line < stamp:
-            line = float(proc.stdout.readline())
-        assert line > stamp + 0.5
-    finally:
-        for p in psutil.Process(proc.pid).children(recursive=True):
-            p.kill()
-        proc.kill()
-        proc.wait()
-
-
-def test_a_pause_can_stop_only_the_processes_chosen():
+@pytest.fixture
+def counter():
+    """A process printing the time every 20 ms, with a sleeping child: (Popen, parent, child)."""
     import ray  # noqa: F401
     import psutil
 
@@ -139,20 +112,46 @@ def test_a_pause_can_stop_only_the_processes_chosen():
         time.sleep(0.5)  # the child is up
         parent = psutil.Process(proc.pid)
         (child,) = parent.children(recursive=True)
-        with paused(proc.pid, only=lambda p: p.pid == child.pid) as n:
-            assert n == 1
-            time.sleep(0.2)
-            assert child.status() == psutil.STATUS_STOPPED
-            assert parent.status() != psutil.STATUS_STOPPED
-            # The parent goes on printing while its child is stopped.
-            stamp = time.monotonic()
-            line = float(proc.stdout.readline())
-            while line < stamp:
-                line = float(proc.stdout.readline())
-            assert line < stamp + 0.5
-        assert child.status() != psutil.STATUS_STOPPED
+        yield proc, parent, child
     finally:
         for p in psutil.Process(proc.pid).children(recursive=True):
             p.kill()
         proc.kill()
         proc.wait()
+
+
+def _first_line_after(proc, stamp: float) -> float:
+    line = float(proc.stdout.readline())
+    while line < stamp:
+        line = float(proc.stdout.readline())
+    return line
+
+
+def test_a_paused_process_tree_stops_and_resumes(counter):
+    import psutil
+
+    proc, parent, child = counter
+    with paused(proc.pid) as n:
+        assert n == 2
+        time.sleep(0.2)
+        assert all(p.status() == psutil.STATUS_STOPPED for p in (parent, child))
+        stamp = time.monotonic()
+        time.sleep(0.5)
+    assert all(p.status() != psutil.STATUS_STOPPED for p in (parent, child))
+    # Nothing was printed while paused: the first line stamped after resuming comes later.
+    assert _first_line_after(proc, stamp) > stamp + 0.5
+
+
+def test_a_pause_can_stop_only_the_processes_chosen(counter):
+    import psutil
+
+    proc, parent, child = counter
+    with paused(proc.pid, only=lambda p: p.pid == child.pid) as n:
+        assert n == 1
+        time.sleep(0.2)
+        assert child.status() == psutil.STATUS_STOPPED
+        assert parent.status() != psutil.STATUS_STOPPED
+        # The parent goes on printing while its child is stopped.
+        stamp = time.monotonic()
+        assert _first_line_after(proc, stamp) < stamp + 0.5
+    assert child.status() != psutil.STATUS_STOPPED

@@ -198,7 +198,7 @@ def interleave(sweep: subprocess.Popen, runs: Path, reference: OutsideRay, epoch
     return alone, beside
 
 
-def _clean_epochs(rows: list[dict], pauses: list[tuple[float, float, list[float]]],
+def _clean_epochs(rows: list[dict], pauses: list[Pause],
                   settle_s: float) -> list[tuple[float, float, float]]:
     """(start, end, img/s) of the trial's training passes from epoch 2 on that overlap no pause,
     nor start within `settle_s` after one (while Ray catches up)."""
@@ -208,7 +208,7 @@ def _clean_epochs(rows: list[dict], pauses: list[tuple[float, float, list[float]
                         for start, end, _ in pauses)]
 
 
-def split_by_pauses(rows: list[dict], pauses: list[tuple[float, float, list[float]]],
+def split_by_pauses(rows: list[dict], pauses: list[Pause],
                     settle_s: float = 0.5) -> tuple[list[float], list[float]]:
     """The trial's training img/s (epochs 2.. whose training pass overlaps no pause, nor starts
     within `settle_s` after one, while Ray catches up) and the outside loop's (the pauses within
@@ -221,7 +221,7 @@ def split_by_pauses(rows: list[dict], pauses: list[tuple[float, float, list[floa
     return inside, outside
 
 
-def paired_ratios(rows: list[dict], pauses: list[tuple[float, float, list[float]]],
+def paired_ratios(rows: list[dict], pauses: list[Pause],
                   settle_s: float = 0.5) -> list[float]:
     """One ratio per pause within the trial's training: the median img/s of the trial's clean
     epochs between the pauses either side of it, over the median of the pause's own loop epochs.
