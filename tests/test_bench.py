@@ -20,21 +20,40 @@ def test_cpu_is_split_over_the_intervals_in_which_the_worker_trained():
         {1: (W, 0.9), 2: (RAYLET, 0.1)},                   # training: counted
         {1: (W, 0.95), 2: (RAYLET, 0.6)},                  # worker idle (0.05 s): skipped
         {1: (W, 1.85), 2: (RAYLET, 0.7), 3: (GCS, 0.2)},   # training; pid 3 started within it
+        {1: (W, 2.85), 2: (RAYLET, 1.7), 3: (GCS, 0.2)},   # training, but outside the span below
     ]
-    for before, after in zip(samples, samples[1:]):
-        watch.add(before, after, 1.0)
-    assert watch.worker_s == pytest.approx(1.8)  # sums of a few decimals: exact to rounding
-    assert watch.others == pytest.approx({RAYLET: 0.2, GCS: 0.2})
-    summary = watch.summary()
+    for t, (before, after) in enumerate(zip(samples, samples[1:])):
+        watch.add(before, after, float(t), t + 1.0)
+    assert [x for iv in watch.intervals for x in iv[:3]] == pytest.approx([0.0, 1.0, 0.9, 2.0, 3.0, 0.9, 3.0, 4.0, 1.0])
+    summary = watch.summary(spans=[(0.0, 3.5)])
     assert summary["worker_share"] == pytest.approx(1.8 / 2.2, abs=1e-3)  # rounded to 3 places
     assert summary["others_share"] == pytest.approx(0.4 / 2.2, abs=1e-3)
-    assert set(summary["top_others"]) == {RAYLET, GCS}
+    assert summary["top_others"] == pytest.approx({RAYLET: round(0.2 / 2.2, 3), GCS: round(0.2 / 2.2, 3)})
+    # Without spans, every busy interval: the raylet's second in the last one tips the split.
+    assert watch.summary()["others_share"] == pytest.approx(1.4 / 4.2, abs=1e-3)
 
 
 def test_no_training_interval_gives_no_figures():
     watch = CpuWatch()
-    watch.add({1: (W, 0.0)}, {1: (W, 0.1)}, 1.0)
+    watch.add({1: (W, 0.0)}, {1: (W, 0.1)}, 0.0, 1.0)
     assert watch.summary() is None
+    watch.add({1: (W, 0.0)}, {1: (W, 1.0)}, 5.0, 6.0)
+    assert watch.summary(spans=[(0.0, 4.0)]) is None
+
+
+def test_an_interval_closed_on_demand_splits_the_periodic_ones():
+    import os
+
+    watch = CpuWatch(interval=60.0)
+    watch._sample = lambda: {os.getpid(): (W, time.process_time())}  # this process plays the worker
+    with watch:
+        time.sleep(0.2)
+        end = time.process_time() + 0.3
+        while time.process_time() < end:  # busy: an interval in which the "worker" trained
+            pass
+        watch.sample_now()
+    (start, stop, worker_s, others), = watch.intervals
+    assert stop - start >= 0.3 and worker_s == pytest.approx(stop - start, rel=0.5) and others == {}
 
 
 def test_the_sampler_sees_this_process():

@@ -170,12 +170,13 @@ Pause = tuple[float, float, list[float]]  # (start, end, img/s of the loop's epo
 
 
 def interleave(sweep: subprocess.Popen, runs: Path, reference: OutsideRay, epochs: int, every_s: float,
-               per_pause: int) -> tuple[list[Pause], list[Pause]]:
+               per_pause: int, cpu: "CpuWatch | None" = None) -> tuple[list[Pause], list[Pause]]:
     """Until the sweep ends: whenever a trial is training (past its 2nd epoch, and not near its
     last), pause it every `every_s` seconds for 2 x `per_pause` epochs of the loop here: first
     with only the trial's worker stopped (the loop beside Ray's other processes), then with the
     whole sweep stopped (the loop alone). Returns each pause's loop alone and loop beside Ray, as
-    (start, end, img/s of its epochs), both spanning the whole pause."""
+    (start, end, img/s of its epochs), both spanning the whole pause. `cpu` closes an interval
+    either side of each pause."""
     alone, beside, due = [], [], None
     while sweep.poll() is None:
         time.sleep(0.2)
@@ -186,12 +187,16 @@ def interleave(sweep: subprocess.Popen, runs: Path, reference: OutsideRay, epoch
         if due is None:
             due = time.time() + every_s
         elif time.time() >= due:
+            if cpu is not None:
+                cpu.sample_now()
             start = time.time()
             with paused(sweep.pid, only=is_train_worker) as n:
                 next_to_ray = reference.epochs(per_pause) if n else []
             with paused(sweep.pid):
                 by_itself = reference.epochs(per_pause)
             end = time.time()
+            if cpu is not None:
+                cpu.sample_now()
             alone.append((start, end, by_itself))
             beside.append((start, end, next_to_ray))
             due = time.time() + every_s
@@ -253,16 +258,20 @@ def beside_over_alone(rows: list[dict], alone: list[Pause], beside: list[Pause])
 class CpuWatch:
     """Where the CPU went while a trial trained: samples every process's CPU time (psutil, which
     Ray ships) and, over the intervals in which Train's worker was busy, splits it between that
-    worker and everything else, by process name."""
+    worker and everything else, by process name. `summary(spans)` keeps the intervals that lie
+    within the given (start, end) spans: the trials' training passes, past the start-up of the
+    trial's helper processes, which would otherwise count while the worker loads its data."""
 
     WORKER = "ray::RayTrainWorker"
 
     def __init__(self, interval: float = 1.0, exclude: set[int] | None = None):
         import threading
 
-        self.interval, self.worker_s, self.others = interval, 0.0, {}
-        self.exclude = set(exclude or ())
-        self._stop = threading.Event()
+        self.interval, self.exclude = interval, set(exclude or ())
+        self.intervals: list[tuple[float, float, float, dict[str, float]]] = []  # (start, end, worker_s, others)
+        self._stop, self._lock = threading.Event(), threading.Lock()
+        self._last: dict[int, tuple[str, float]] | None = None
+        self._t_last = 0.0
         self._thread = threading.Thread(target=self._run, name="raysweep-cpuwatch", daemon=True)
 
     @staticmethod
@@ -280,24 +289,34 @@ class CpuWatch:
             out[proc.pid] = (name, times.user + times.system)
         return out
 
-    def _run(self) -> None:
-        last = self._sample()
-        while not self._stop.wait(self.interval):
+    def sample_now(self) -> None:
+        """Close the current interval here (the bench does so either side of a pause, so that no
+        interval mixes a pause with training)."""
+        with self._lock:
             now = {pid: v for pid, v in self._sample().items() if pid not in self.exclude}
-            self.add(last, now, self.interval)
-            last = now
+            t_now = time.time()
+            if self._last is not None:
+                self.add(self._last, now, self._t_last, t_now)
+            self._last, self._t_last = now, t_now
 
-    def add(self, before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], seconds: float) -> None:
-        """Account one interval between two samples (pid -> (name, CPU seconds)); a process
-        that started within it counts from zero. Skipped unless the worker was training."""
+    def _run(self) -> None:
+        self.sample_now()
+        while not self._stop.wait(self.interval):
+            self.sample_now()
+
+    def add(self, before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
+            start: float, end: float) -> None:
+        """Account the interval [start, end] between two samples (pid -> (name, CPU seconds)); a
+        process that started within it counts from zero. Skipped unless the worker was training."""
         delta = {pid: (name, t - before.get(pid, (name, 0.0))[1]) for pid, (name, t) in after.items()}
         worker = sum(d for name, d in delta.values() if name.startswith(self.WORKER))
-        if worker < 0.5 * seconds:  # not training: start-up, between trials
+        if worker < 0.5 * (end - start):  # not training: start-up, between trials
             return
-        self.worker_s += worker
+        others: dict[str, float] = {}
         for name, d in delta.values():
             if not name.startswith(self.WORKER) and d > 0:
-                self.others[name] = self.others.get(name, 0.0) + d
+                others[name] = others.get(name, 0.0) + d
+        self.intervals.append((start, end, worker, others))
 
     def __enter__(self):
         self._thread.start()
@@ -308,13 +327,20 @@ class CpuWatch:
         if self._thread.is_alive():
             self._thread.join()
 
-    def summary(self) -> dict | None:
-        total = self.worker_s + sum(self.others.values())
+    def summary(self, spans: list[tuple[float, float]] | None = None) -> dict | None:
+        """Shares of the CPU over the busy intervals (those within one of `spans`, if given)."""
+        kept = [iv for iv in self.intervals
+                if spans is None or any(lo <= iv[0] and iv[1] <= hi for lo, hi in spans)]
+        worker_s, others = sum(iv[2] for iv in kept), {}
+        for iv in kept:
+            for name, d in iv[3].items():
+                others[name] = others.get(name, 0.0) + d
+        total = worker_s + sum(others.values())
         if total <= 0:
             return None
-        top = sorted(self.others.items(), key=lambda kv: -kv[1])[:5]
-        return {"worker_share": round(self.worker_s / total, 3),
-                "others_share": round(1 - self.worker_s / total, 3),
+        top = sorted(others.items(), key=lambda kv: -kv[1])[:5]
+        return {"worker_share": round(worker_s / total, 3),
+                "others_share": round(1 - worker_s / total, 3),
                 "top_others": {name: round(t / total, 3) for name, t in top}}
 
 
@@ -389,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
             sweep = subprocess.Popen(cmd)
             try:
                 pauses, beside = interleave(sweep, work / "results" / "sweep" / TRAIN_RUNS, reference, a.epochs,
-                                            a.pause_every, a.pause_epochs) if interleaved else ([], [])
+                                            a.pause_every, a.pause_epochs, cpu) if interleaved else ([], [])
                 rc = sweep.wait()
             finally:
                 if sweep.poll() is None:
@@ -450,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         "trials": len(trials), "epochs_measured": len(plain), "sweep_wall_s": round(sweep_s, 1),
         "cpus": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2),
         # While the trial trained: Train's worker's share of the CPU time spent, and the rest's.
-        "cpu_while_training": cpu.summary(),
+        "cpu_while_training": cpu.summary([_training_span(rows) for rows in trials]),
     }
     out["goals_met"] = {k: (out[k] <= v if k != "in_trial_vs_bench_img_s" else out[k] >= v) for k, v in GOALS.items()}
     print(f"per-epoch overhead (epoch wall - train - eval, {len(plain)} epochs without a checkpoint): "
