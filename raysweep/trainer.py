@@ -121,9 +121,39 @@ def _placement_group_cleaner():
 
 
 class SweepTrainer(DataParallelTrainer):
-    """Ray Train's data-parallel trainer, less the dataset manager actor that serves `datasets=`
-    (a trial passes none: its workers read their own data, so the actor only cost a process),
-    and with a placement-group cleaner that checks every PG_CHECK_INTERVAL_S."""
+    """Ray Train's data-parallel trainer, with its controller in the calling actor's process
+    (Tune's trial actor) rather than an actor of its own, less the dataset manager actor that
+    serves `datasets=` (a trial passes none: its workers read their own data, so the actor only
+    cost a process), and with a placement-group cleaner that checks every PG_CHECK_INTERVAL_S."""
+
+    def _initialize_and_run_controller(self, **controller_init_kwargs):
+        """Run Train's controller in this process when it is an actor (Tune's trial actor, which
+        only waits on fit() meanwhile), not in an actor of its own (Ray's way, kept for fit()
+        called from a driver).
+
+        Ray starts the controller as an actor on this node that only polls the workers and
+        handles their reports, from an asyncio loop. In a process of its own it cost every trial
+        a process start and the imports of Ray Train before anything else could start (~1 s of
+        `time_launch_s` here), and, while the trial trained, ~1% of a core and ~150 wake-ups a
+        second (a Ray worker's own timers), each one a preempted training thread on a CPU
+        trial that uses every core. Here it runs the same loop in fit()'s thread. What an actor
+        of its own gave and this keeps: the workers, their placement group and the cleaner
+        that watches it answer to the actor that runs the loop (now Tune's trial actor), so
+        killing the trial still ends them. What it does not keep: a worker's
+        `ray.train.get_all_reported_checkpoints()` calls the controller's actor, which
+        raysweep's loop never does.
+        """
+        import asyncio
+
+        import ray
+
+        if ray.get_runtime_context().get_actor_id() is None:
+            return super()._initialize_and_run_controller(**controller_init_kwargs)
+        from ray.train.v2._internal.execution.controller import TrainController
+
+        controller = TrainController(**controller_init_kwargs)
+        asyncio.run(controller.run())
+        return controller.get_result()
 
     def _create_default_callbacks(self):
         callbacks = []
