@@ -1,9 +1,10 @@
 """One trial of a sweep: the function Tune runs (`run_trial`), the Ray Train trainer it fits
 (`build_trainer()`) and what that needs, all without importing torch.
 
-A trial function (in a Tune actor) builds the trainer, and Train's controller (an actor of its
-own) unpickles its backend; neither trains, so neither should pay torch's import, seconds on a
-small machine and on every trial. The workers import torch with the loop (`raysweep.train`).
+A trial function (in a Tune actor) builds the trainer, and Train's controller (run in that same
+actor: `SweepTrainer`) unpickles its backend; neither trains, so neither should pay torch's
+import, seconds on a small machine and on every trial. The workers import torch with the loop
+(`raysweep.train`).
 """
 
 from __future__ import annotations
@@ -82,9 +83,9 @@ class SweepBackendConfig(BackendConfig):
 
 class ForwardReports(UserCallback):
     """In Train's controller: append each epoch a report carries (rank 0's metrics, unpacked: see
-    raysweep.reporting) as a JSON line to a file the trial function reads. Ray Train starts the
-    controller on the node of the process that calls fit(), so a local file joins them; no actor
-    to start, and the controller never waits on Tune."""
+    raysweep.reporting) as a JSON line to a file the trial function reads. The controller runs
+    in the trial function's process (SweepTrainer; from a driver, Ray starts it on the caller's
+    node), so a local file joins them, and the controller never waits on Tune."""
 
     def __init__(self, path: str):
         self.path = path
