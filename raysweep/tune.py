@@ -197,8 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         # on a par with the driver, the raylet and whatever else runs (measured: bench overhead).
         os.environ.setdefault("RAY_worker_niceness", "0")
         # A trial starts ~5 actors (Tune's, which runs Train's controller; workers; helpers) and
-        # trials run side by side; the raylet's default of 2 worker starts at a time (one per CPU here)
-        # queues them, and warns at 5x that. Local clusters only: a joined one is the user's.
+        # trials run side by side; the raylet's default of 2 worker starts at a time (one per
+        # CPU here) queues them, and warns at 5x that. Local clusters only: a joined one is the
+        # user's.
         os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(max(8, 4 * (os.cpu_count() or 1))))
         # The raylet kills idle workers beyond one per CPU after a second; a trial's actors hold
         # those, so every trial's data reads waited on new worker processes (2.7 s of a trial's

@@ -49,5 +49,5 @@ def test_the_controller_runs_in_the_actor_that_calls_fit(ray_session, tmp_path):
         caller_id = ray.get(caller.fit.remote(str(tmp_path), str(out)), timeout=300)
     finally:
         ray.kill(caller)
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     assert json.loads(out.read_text())["controller"] == caller_id
-
