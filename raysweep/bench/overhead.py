@@ -35,9 +35,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 from raysweep.errors import RaysweepError, cli_entry
+from raysweep.warm import TRAIN_WORKER
 
 GOALS = {"median_epoch_overhead_s": 0.1, "time_to_first_step_s": 8.0, "in_trial_vs_bench_img_s": 0.9}
 
@@ -262,7 +264,7 @@ class CpuWatch:
     within the given (start, end) spans: the trials' training passes, past the start-up of the
     trial's helper processes, which would otherwise count while the worker loads its data."""
 
-    WORKER = "ray::RayTrainWorker"
+    WORKER = TRAIN_WORKER.decode()  # the process title Ray gives Train's worker
 
     def __init__(self, interval: float = 1.0, exclude: set[int] | None = None):
         import threading
@@ -312,11 +314,11 @@ class CpuWatch:
         worker = sum(d for name, d in delta.values() if name.startswith(self.WORKER))
         if worker < 0.5 * (end - start):  # not training: start-up, between trials
             return
-        others: dict[str, float] = {}
+        others = Counter()
         for name, d in delta.values():
             if not name.startswith(self.WORKER) and d > 0:
-                others[name] = others.get(name, 0.0) + d
-        self.intervals.append((start, end, worker, others))
+                others[name] += d
+        self.intervals.append((start, end, worker, dict(others)))
 
     def __enter__(self):
         self._thread.start()
@@ -331,14 +333,13 @@ class CpuWatch:
         """Shares of the CPU over the busy intervals (those within one of `spans`, if given)."""
         kept = [iv for iv in self.intervals
                 if spans is None or any(lo <= iv[0] and iv[1] <= hi for lo, hi in spans)]
-        worker_s, others = sum(iv[2] for iv in kept), {}
+        worker_s, others = sum(iv[2] for iv in kept), Counter()
         for iv in kept:
-            for name, d in iv[3].items():
-                others[name] = others.get(name, 0.0) + d
+            others.update(iv[3])
         total = worker_s + sum(others.values())
         if total <= 0:
             return None
-        top = sorted(others.items(), key=lambda kv: -kv[1])[:5]
+        top = others.most_common(5)
         return {"worker_share": round(worker_s / total, 3),
                 "others_share": round(1 - worker_s / total, 3),
                 "top_others": {name: round(t / total, 3) for name, t in top}}
