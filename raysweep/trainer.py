@@ -9,6 +9,7 @@ import, seconds on a small machine and on every trial. The workers import torch 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -96,10 +97,11 @@ class ForwardReports(UserCallback):
             f.write(lines)
 
 
-# How often Train's placement-group cleaner asks whether the controller still lives. Each ask
-# is a State API query through the dashboard; at Ray's default, every second, the cleaner took
-# 1.5-3.4% of a core on a 2-core machine while a trial trained (~1%, an idle process's cost,
-# at 10 s). A dead controller's placement group is freed this much later.
+# fit() from a driver (Ray's way, see SweepTrainer): how often Train's placement-group cleaner
+# asks whether the controller still lives. Each ask is a State API query through the dashboard;
+# at Ray's default, every second, the cleaner took 1.5-3.4% of a core on a 2-core machine while
+# a trial trained (~1%, an idle process's cost, at 10 s). A dead controller's placement group is
+# freed this much later. (In a sweep, no cleaner runs: raysweep.placement.)
 PG_CHECK_INTERVAL_S = 10.0
 
 
@@ -121,11 +123,86 @@ def _placement_group_cleaner():
     return Cleaner(check_interval_s=PG_CHECK_INTERVAL_S)
 
 
+class _Ready:
+    """An actor method's stand-in: `.remote(...)` runs it in the caller and returns its value as
+    a ready ObjectRef, so `ray.get(x.method.remote(...))` reads as it does for an actor."""
+
+    def __init__(self, fn):
+        self._fn = fn
+
+    def remote(self, *args, **kwargs):
+        import ray
+
+        return ray.put(self._fn(*args, **kwargs))
+
+
+class SoleWorkerSync:
+    """Train's SynchronizationActor for a group of one worker, without the actor.
+
+    The actor is a barrier: each rank calls `broadcast_from_rank_zero` (at every report that
+    carries a checkpoint, and at `ray.train.collective` calls) and waits until every rank has,
+    then gets rank 0's value. With one rank the barrier opens at once with the caller's own
+    value, so this answers in the caller's process. Train starts the actor for every worker
+    group, one worker or many: a process per trial that, while the trial trains, wakes ~150 times
+    a second (Ray's own timers) on the cores the trial trains on. `reset` and
+    `set_required_ranks` (worker replacement, preemption) have nothing to release either.
+    """
+
+    @property
+    def broadcast_from_rank_zero(self) -> _Ready:
+        return _Ready(lambda *, data=None, **_: data)
+
+    @property
+    def reset(self) -> _Ready:
+        return _Ready(lambda: None)
+
+    @property
+    def set_required_ranks(self) -> _Ready:
+        return _Ready(lambda ranks: True)
+
+
+class _SoleWorkerSyncClass:
+    """Stands where Train's worker group starts its synchronisation actor
+    (`SynchronizationActor.options(...).remote(...)`), and makes a SoleWorkerSync instead."""
+
+    def options(self, **_):
+        return self
+
+    def remote(self, *_, **__) -> SoleWorkerSync:
+        return SoleWorkerSync()
+
+
+@contextlib.contextmanager
+def sole_worker_sync():
+    """While inside: the worker groups Train starts in this process have a SoleWorkerSync for a
+    synchronisation actor. For one-worker runs only, in the process that runs their controller."""
+    from ray.train.v2._internal.execution.worker_group import state, worker_group
+
+    actor_cls, shutdown = worker_group.SynchronizationActor, state._shutdown_sync_actor
+
+    def shutdown_sync(sync) -> None:
+        if not isinstance(sync, SoleWorkerSync):
+            shutdown(sync)
+
+    worker_group.SynchronizationActor, state._shutdown_sync_actor = _SoleWorkerSyncClass(), shutdown_sync
+    try:
+        yield
+    finally:
+        worker_group.SynchronizationActor, state._shutdown_sync_actor = actor_cls, shutdown
+
+
 class SweepTrainer(DataParallelTrainer):
     """Ray Train's data-parallel trainer, with its controller in the calling actor's process
     (Tune's trial actor) rather than an actor of its own, less the dataset manager actor that
     serves `datasets=` (a trial passes none: its workers read their own data, so the actor only
-    cost a process), and with a placement-group cleaner that checks every PG_CHECK_INTERVAL_S."""
+    cost a process). Run that way it also starts neither of Train's other helper actors: a
+    one-worker run's synchronisation actor (SoleWorkerSync) and the placement-group cleaner
+    (RecordPlacementGroup, with the sweep's driver freeing a dead trial's group)."""
+
+    def _in_actor(self) -> bool:
+        import ray
+
+        return ray.get_runtime_context().get_actor_id() is not None
 
     def _initialize_and_run_controller(self, **controller_init_kwargs):
         """Run Train's controller in this process when it is an actor (Tune's trial actor, which
@@ -138,32 +215,42 @@ class SweepTrainer(DataParallelTrainer):
         `time_launch_s` here), and, while the trial trained, ~1% of a core and ~150 wake-ups a
         second (a Ray worker's own timers), each one a preempted training thread on a CPU
         trial that uses every core. Here it runs the same loop in fit()'s thread. What an actor
-        of its own gave and this keeps: the workers, their placement group and the cleaner
-        that watches it answer to the actor that runs the loop (now Tune's trial actor), so
-        killing the trial still ends them. What it does not keep: a worker's
-        `ray.train.get_all_reported_checkpoints()` calls the controller's actor, which
+        of its own gave and this keeps: the workers answer to the actor that runs the loop (now
+        Tune's trial actor), so killing the trial still ends them; their placement group is
+        freed by the sweep's driver then (RecordPlacementGroup). What it does not keep: a
+        worker's `ray.train.get_all_reported_checkpoints()` calls the controller's actor, which
         raysweep's loop never does.
         """
         import asyncio
 
-        import ray
-
-        if ray.get_runtime_context().get_actor_id() is None:
+        if not self._in_actor():
             return super()._initialize_and_run_controller(**controller_init_kwargs)
         from ray.train.v2._internal.execution.controller import TrainController
 
         controller = TrainController(**controller_init_kwargs)
-        asyncio.run(controller.run())
+        sole = self.scaling_config.num_workers == 1
+        with sole_worker_sync() if sole else contextlib.nullcontext():
+            asyncio.run(controller.run())
         return controller.get_result()
 
     def _create_default_callbacks(self):
+        # The driver frees a dead trial's placement group from a file in the run's directory:
+        # local (or mounted) storage only; elsewhere Train's cleaner stays.
+        record = self._in_actor() and "://" not in str(self.run_config.storage_path)
         callbacks = []
         for c in super()._create_default_callbacks():
             name = type(c).__name__
             if name == "DatasetsCallback":
                 continue
             if name == "PlacementGroupCleanerCallback":
-                c = _placement_group_cleaner() or c
+                if record:
+                    from raysweep.placement import PLACEMENT_GROUP_FILE, RecordPlacementGroup
+
+                    run_dir = Path(self.run_config.storage_path) / self.run_config.name
+                    run_dir.mkdir(parents=True, exist_ok=True)
+                    c = RecordPlacementGroup(run_dir / PLACEMENT_GROUP_FILE)
+                else:
+                    c = _placement_group_cleaner() or c
             callbacks.append(c)
         return callbacks
 

@@ -367,16 +367,19 @@ def _fit(cfg: Config, prepared, plan, storage: Path, name: str, *, resume: bool,
 
     from ray import tune
 
+    from raysweep.placement import FreePlacementGroups
     from raysweep.trainer import run_trial
     from raysweep.trial_logs import trial_loggers
 
+    train_storage = str(storage / name / TRAIN_RUNS)
     trainable = tune.with_parameters(
         run_trial, cfg_dict=cfg.to_dict(), prepared=prepared, plan=plan,
-        train_storage=str(storage / name / TRAIN_RUNS), gpu_setup=gpu_setup)
+        train_storage=train_storage, gpu_setup=gpu_setup)
     # The driver function only builds and watches a TorchTrainer: it holds no CPU (a bundle
     # must hold something, so a little memory), leaving whole CPUs to the worker and Ray Data.
     trainable = tune.with_resources(trainable, tune.PlacementGroupFactory([{"CPU": 0, "memory": DRIVER_MEMORY}]))
-    callbacks = [*trial_loggers(), *callbacks]
+    # A trial whose actor dies leaves its worker group's placement group; the driver frees it.
+    callbacks = [*trial_loggers(), FreePlacementGroups(train_storage), *callbacks]
     # Tune copies the experiment (trial states, result files) to storage_path at each snapshot,
     # by default every 10 s or more: a driver killed hard loses what finished since. A few
     # milliseconds a snapshot for a grid of tens of trials, so every 2 s bounds the loss.
