@@ -35,8 +35,8 @@ HISTORY_FILE = "history.json"  # every reported epoch so far, replayed after a r
 LEDGER_FILE = "ledger.json"  # in the run directory: wall time of the last report, and whose it was
 CHECKPOINT_SHARE = 0.02  # automatic cadence: checkpoints take at most this share of the time
 # Epochs go to Train at most this often (a checkpoint, and the last epoch, go at once): shorter
-# epochs travel together. Each report wakes Train's synchronisation actor and Tune's driver;
-# on a 2-core machine their share of the CPU came out of the training threads.
+# epochs travel together. Each report wakes Train's controller and Tune's driver; on a 2-core
+# machine their share of the CPU came out of the training threads.
 REPORT_EVERY_S = 1.0
 # Sustained write speed assumed before a checkpoint has been timed (a cautious local disk).
 ASSUMED_WRITE_BYTES_S = 500e6

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from raysweep.bench.overhead import CpuWatch, beside_over_alone, paired_ratios, paused, split_by_pauses
+from raysweep.bench.overhead import (CpuWatch, beside_over_alone, clear_of_pauses, paired_ratios, paused,
+                                     split_by_pauses)
 
 W, RAYLET, GCS = "ray::RayTrainWorker", "raylet", "gcs_server"
 
@@ -174,3 +175,14 @@ def test_a_pause_can_stop_only_the_processes_chosen(counter):
         stamp = time.monotonic()
         assert _first_line_after(proc, stamp) < stamp + 0.5
     assert child.status() != psutil.STATUS_STOPPED
+
+
+def test_the_overhead_leaves_out_epochs_a_pause_may_have_lengthened():
+    # Epoch e (wall 1 s) finishes training at e - 0.5 s. The pause at 3.2-3.7 s stops the whole
+    # sweep, so an epoch that holds it shows 0.5 s of overhead that was the bench's. Where an
+    # epoch's wall lies around its training's end is not recorded; within one wall time either
+    # side of it, it may hold the pause: epochs 3, 4 and 5 are left out.
+    rows = [{"epoch": e, "trained_at": e - 0.5, "time_epoch_s": 1.0} for e in range(1, 7)]
+    assert [r["epoch"] for r in clear_of_pauses(rows, [(3.2, 3.7, [100.0])])] == [1, 2, 6]
+    assert clear_of_pauses(rows, []) == rows
+    assert clear_of_pauses([{"epoch": 1}], [(0.0, 9.0, [])]) == [{"epoch": 1}]  # no timestamps: kept
