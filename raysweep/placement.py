@@ -18,6 +18,9 @@ from pathlib import Path
 from ray import tune
 from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 
+from raysweep.io import atomic_write_text
+from raysweep.trainer import train_run_name
+
 # In a Train run's directory: the id of its worker group's placement group.
 PLACEMENT_GROUP_FILE = "placement_group"
 
@@ -32,9 +35,7 @@ class RecordPlacementGroup(WorkerGroupCallback):
 
     def after_worker_group_start(self, worker_group) -> None:
         pg = worker_group.get_worker_group_state().placement_group_handle.placement_group
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
-        tmp.write_text(pg.id.hex())
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, pg.id.hex())
 
 
 def free_placement_group(path: str | os.PathLike) -> bool:
@@ -64,7 +65,7 @@ class FreePlacementGroups(tune.Callback):
         self.train_storage = Path(train_storage)
 
     def path(self, trial) -> Path:
-        return self.train_storage / f"trial_{trial.trial_id}" / PLACEMENT_GROUP_FILE
+        return self.train_storage / train_run_name(trial.trial_id) / PLACEMENT_GROUP_FILE
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         free_placement_group(self.path(trial))

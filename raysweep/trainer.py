@@ -247,12 +247,17 @@ class SweepTrainer(DataParallelTrainer):
                     from raysweep.placement import PLACEMENT_GROUP_FILE, RecordPlacementGroup
 
                     run_dir = Path(self.run_config.storage_path) / self.run_config.name
-                    run_dir.mkdir(parents=True, exist_ok=True)
                     c = RecordPlacementGroup(run_dir / PLACEMENT_GROUP_FILE)
                 else:
                     c = _placement_group_cleaner() or c
             callbacks.append(c)
         return callbacks
+
+
+def train_run_name(trial_id: str) -> str:
+    """The name of a Tune trial's Train run (its directory under the sweep's Train storage): one
+    per trial, so a retried or resumed trial finds its own checkpoints."""
+    return f"trial_{trial_id}"
 
 
 def _forward_to_tune(path: Path, fitting) -> None:
@@ -407,7 +412,7 @@ def run_trial(params: dict, *, cfg_dict: dict, prepared, plan, train_storage: st
     worker_env = {"env_vars": worker_env_vars(threads, plan.use_gpu)}
     worker_env["worker_process_setup_hook"] = "raysweep.warm.warm_worker"
     run_config = ray.train.RunConfig(
-        name=f"trial_{trial_id}",
+        name=train_run_name(trial_id),
         storage_path=train_storage,
         worker_runtime_env=worker_env,
         callbacks=[ForwardReports(reports)],
