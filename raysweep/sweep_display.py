@@ -102,6 +102,14 @@ class SweepDisplay(Callback):
             f"  {test.replace('_', ' ')} {_pct(r.get(test))}  {format_duration(r.get('wall_time_s'))}{learned}")
         self._postfix()
 
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        # Tune retries it from its last checkpoint; its traceback is in error.txt (Tune prints it
+        # only under --verbose).
+        allowed = getattr(trial, "max_failures", 0)
+        of = f" of {allowed} allowed" if allowed >= 0 else ""
+        self.bar.write(f"{self._tag(trial)} retry  {self._label(trial)}: failure {trial.num_failures}{of}, "
+                       f"resuming from its last checkpoint; see {trial.path}/error.txt")
+
     def on_trial_error(self, iteration, trials, trial, **info):
         self.finished.add(self._key(trial))
         self.bar.write(f"{self._tag(trial)} FAILED {self._label(trial)}: see {trial.path}/error.txt")

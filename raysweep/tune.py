@@ -394,6 +394,9 @@ def _fit(cfg: Config, prepared, plan, storage: Path, name: str, *, resume: bool,
         logging.getLogger("ray.tune.tune").setLevel(logging.CRITICAL)
         # The classic output engine stays silent at verbose=0 (the new one prints a config box).
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+        # A failed trial's traceback goes to its error.txt, which the display's retry and FAILED
+        # lines name, not to the console.
+        os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
     if resume:
         tuner = tune.Tuner.restore(str(storage / name), trainable=trainable,
                                    resume_unfinished=True, resume_errored=True, restart_errored=False)

@@ -91,3 +91,22 @@ def test_sweep_eta_divides_by_concurrency_and_counts_each_epoch_once(clock):
     clock.now += 60
     d.on_trial_complete(0, [], first)
     assert d.bar._postfix == "trials 1/4 done, ETA 1:30"  # 3 trials x 60 s over 2 slots
+
+
+def test_a_retried_and_a_failed_trial_each_get_one_line_naming_their_error_file(clock):
+    plan = {(1.0, 0): {"max_epochs": 10, "n_train": 100}, (0.5, 0): {"max_epochs": 10, "n_train": 50}}
+    out = io.StringIO()
+    d = SweepDisplay(plan, "val_top1_error", stream=out, concurrency=1)
+    t = trial(1.0, 0)
+    t.path, t.num_failures, t.max_failures = "/r/trial_a", 1, 2
+    d.on_trial_start(0, [], t)
+    d.on_trial_recover(0, [], t)
+    u = trial(0.5, 0)
+    u.path = "/r/trial_b"
+    d.on_trial_start(0, [], u)
+    d.on_trial_error(0, [], u)
+    lines = [ln for ln in out.getvalue().splitlines() if "retry" in ln or "FAILED" in ln]
+    assert lines == ["[1/2] retry  fraction 1       seed 0   n_train     100: failure 1 of 2 allowed, resuming "
+                     "from its last checkpoint; see /r/trial_a/error.txt",
+                     "[2/2] FAILED fraction 0.5     seed 0   n_train      50: see /r/trial_b/error.txt"]
+    assert d.bar._postfix.startswith("trials 1/2 done")  # the retried trial is not done
