@@ -114,7 +114,7 @@ def main(argv=None) -> int:
         if not 0 < t <= 1:
             raise RaysweepError(f"--target-error {t:g} must be an error fraction in (0, 1], e.g. 0.2 for 20%")
     if args.mlflow:
-        from raysweep import tracking
+        from raysweep.sweep import tracking
 
         tracking.check_mlflow()
     import pandas as pd
@@ -172,7 +172,7 @@ def main(argv=None) -> int:
         print(s.describe())
     print(f"wrote {out}/: {', '.join(OUTPUTS)}")
     if args.mlflow:
-        from raysweep import tracking
+        from raysweep.sweep import tracking
 
         run_id = tracking.log_analysis(args.mlflow, exp.path.name, [out / f for f in OUTPUTS], result)
         print(f"logged to MLflow {args.mlflow}: experiment {exp.path.name!r}, run {run_id}")

@@ -14,7 +14,7 @@ from analysis import evidence
 from analysis import results as R
 from analysis import timing
 from analysis.extrapolation import CLEARLY_FACTOR, CLEARLY_MIN_GAIN
-from raysweep.model import describe
+from raysweep.trial.model import describe
 
 
 def md_table(df: pd.DataFrame) -> str:

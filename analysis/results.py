@@ -43,7 +43,7 @@ class Experiment:
     trials: pd.DataFrame
     epochs: pd.DataFrame
     config: dict | None
-    manifest: dict | None = None  # manifest.json (raysweep.manifest), absent in older experiments
+    manifest: dict | None = None  # manifest.json (raysweep.sweep.manifest), absent in older experiments
 
     @property
     def name(self) -> str:
@@ -229,7 +229,7 @@ def per_fraction_summary(used: pd.DataFrame, all_trials: pd.DataFrame | None = N
 
 def resolve_metric(exp: Experiment, setting: str = "auto") -> tuple[str, str]:
     """The error to fit and the sentence that says why. "auto": the test error at
-    k = raysweep.metrics.primary_k(num_classes) (top-5 with >= 50 classes, else top-1), with
+    k = raysweep.trial.metrics.primary_k(num_classes) (top-5 with >= 50 classes, else top-1), with
     num_classes from the trials' final reports; an experiment made before they reported it
     keeps the old default, test_top5_error."""
     if setting != "auto":
@@ -238,7 +238,7 @@ def resolve_metric(exp: Experiment, setting: str = "auto") -> tuple[str, str]:
     if classes is None:
         return "test_top5_error", ("`test_top5_error`: the trials do not report their number of classes "
                                    "(an experiment made before they did), so the old default")
-    from raysweep.metrics import TOP5_MIN_CLASSES, primary_k
+    from raysweep.trial.metrics import TOP5_MIN_CLASSES, primary_k
 
     k = primary_k(int(classes))
     return f"test_top{k}_error", (f"`test_top{k}_error`: the rule is top-5 error with {TOP5_MIN_CLASSES} or more "

@@ -82,7 +82,7 @@ class TrainConfig:
     # (a small subset's epoch is a few steps). 0 = always train `epochs` (then a count, not a cap).
     patience: int = 0
     # The validation error that picks the tested checkpoint and drives early stopping.
-    # "auto": val_top5_error with 50 or more classes, else val_top1_error (raysweep.metrics).
+    # "auto": val_top5_error with 50 or more classes, else val_top1_error (raysweep.trial.metrics).
     select_metric: Literal["auto", "val_top1_error", "val_top5_error", "val_loss"] = "auto"
     # Augmentation (on the device): random-resized-crop with this minimum area, and flips.
     crop_scale_min: float = 0.35
@@ -106,6 +106,9 @@ class SweepConfig:
     # (one worker each), or a share below 1 for every trial.
     gpus_per_trial: float | Literal["auto"] = "auto"
     cpus_per_trial: int = 1
+    # A CPU trial's workers (DDP over gloo, each with cpus_per_trial CPUs). GPU trials take one
+    # worker per GPU from gpus_per_trial instead.
+    cpu_workers_per_trial: int = 1
     max_failures: int = 2
     storage_path: str = "./results"
     # Checkpoints kept per trial besides the best one (by the select metric).
@@ -229,6 +232,7 @@ def validate(cfg: Config) -> None:
         "data.synthetic_val_per_class": cfg.data.synthetic_val_per_class,
         "data.synthetic_test_per_class": cfg.data.synthetic_test_per_class,
         "sweep.cpus_per_trial": cfg.sweep.cpus_per_trial,
+        "sweep.cpu_workers_per_trial": cfg.sweep.cpu_workers_per_trial,
     }
     for key, value in positive.items():
         if value < 1:

@@ -1,4 +1,5 @@
 """Output for people: a progress bar on a terminal, plain timestamped lines in a pipe or CI.
+(Quieting Ray's own output is raysweep.sweep.ray_compat's.)
 
 `Progress` is the one display of long work (decoding a dataset, running a sweep). On a
 terminal it is a tqdm bar redrawn in place; anywhere else (CI, `| tee`, a file) it prints a
@@ -20,27 +21,6 @@ def interactive(stream: TextIO | None = None) -> bool:
         return stream.isatty() and os.environ.get("TERM", "") != "dumb"
     except (AttributeError, ValueError):  # closed or replaced streams
         return False
-
-
-def quiet_ray_logs() -> None:
-    """Keep Ray's driver-side logs to real problems: no token-auth notice at every start, no
-    Ray Data INFO blocks. Call before `ray.init`; `--verbose` CLIs skip it."""
-    import logging
-
-    plain_ray_output()
-    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-
-
-def plain_ray_output() -> None:
-    """No ANSI colour in what Ray prints unless stdout is a terminal: its `(raylet)` prefixes
-    (RAY_COLOR_PREFIX) and the rest, which it colours unconditionally (colorama, a Ray
-    dependency, then strips escape codes from streams that are not terminals). Call early."""
-    if not interactive(sys.stdout):
-        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
-        import colorama
-
-        colorama.init()
 
 
 def format_duration(seconds: float | None) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 from raysweep.config import DataConfig, add_config_args, config_from_args
-from raysweep.console import quiet_ray_logs
+from raysweep.sweep.ray_compat import quiet_ray_logs
 from raysweep.errors import cli_entry
 
 

@@ -96,10 +96,9 @@ def ray_cluster():
     containers share it, so child processes (the CLIs under test) inherit it.
     """
     tmp = Path(tempfile.mkdtemp(prefix="rs-ray-", dir="/tmp"))
-    # The raylet settings raysweep gives a cluster it starts itself (raysweep/tune.py): trials
-    # at normal priority, a trial's actors started together, idle workers kept for data reads.
-    env = {**os.environ, "RAY_worker_niceness": "0", "RAY_worker_maximum_startup_concurrency": "8",
-           "RAY_num_workers_soft_limit": "12"}
+    # The one raylet setting raysweep gives a cluster it starts itself (raysweep.sweep.ray_compat):
+    # no console warning when a trial's actors start together.
+    env = {**os.environ, "RAY_worker_maximum_startup_concurrency": "8"}
     port = _free_port()
     address = f"127.0.0.1:{port}"
     before = set(_processes())
@@ -147,7 +146,7 @@ def ray_session(ray_cluster):
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory) -> Path:
     """A small learnable synthetic set in the hub's exact layout and schema."""
-    from raysweep.synthetic import write_synthetic
+    from raysweep.data.synthetic import write_synthetic
 
     out = tmp_path_factory.mktemp("synthetic")
     write_synthetic(out, classes=4, train_per_class=12, val_per_class=4, test_per_class=4, seed=0)

@@ -9,8 +9,9 @@ import time
 import pytest
 
 from conftest import REPO
-from raysweep.cluster import (check_cache_on_nodes, check_cache_results, node_label, physical_gpus,
-                              plan_local, plan_resources, trial_nodes, visible_count)
+from raysweep.cluster.connect import node_label, trial_nodes
+from raysweep.cluster.preflight import check_cache_on_nodes, check_cache_results
+from raysweep.cluster.resources import physical_gpus, plan_local, plan_resources, visible_count
 from raysweep.errors import RaysweepError
 
 GIB = 1024**3
@@ -164,7 +165,7 @@ def test_gpu_refusals_come_before_ray_within_3s_and_import_neither_torch_nor_ray
     code = (
         "import sys, time\n"
         "t0 = time.monotonic()\n"
-        "from raysweep.cluster import plan_local\n"
+        "from raysweep.cluster.resources import plan_local\n"
         "from raysweep.errors import RaysweepError\n"
         "msgs = []\n"
         "for kw in ({'num_gpus': 4, 'gpus_per_trial': 'auto', 'gpus_per_trial_explicit': False},\n"
@@ -244,7 +245,7 @@ def test_a_node_that_cannot_see_the_cache_is_one_line_naming_it(ray_session, tmp
     def probe_without_mount(meta_path):
         import ray as _ray
 
-        from raysweep.cluster import probe_cache
+        from raysweep.cluster.preflight import probe_cache
 
         here = _ray.get_runtime_context().get_node_id()
         return probe_cache(meta_path + ".unmounted" if here == hidden else meta_path)

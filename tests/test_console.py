@@ -7,9 +7,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from raysweep import console, sweep_display
+from raysweep import console
+from raysweep.sweep import display as sweep_display
 from raysweep.console import Progress, format_duration
-from raysweep.sweep_display import SweepDisplay
+from raysweep.sweep.display import SweepDisplay
 
 
 class Clock:

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from analysis.eda import main
-from raysweep.synthetic import write_synthetic
+from raysweep.data.synthetic import write_synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

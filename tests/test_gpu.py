@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from conftest import REPO, run_cli
-from raysweep.cluster import physical_gpus, plan_resources, trial_nodes
+from raysweep.cluster.resources import physical_gpus, plan_resources
+from raysweep.cluster.connect import trial_nodes
 from raysweep.errors import RaysweepError
-from raysweep.gpu import (CUDA_CONTEXT_BYTES, DEFAULT_RESERVE_BYTES, GIB, SLACK, Footprint, auto_gpu_shares,
+from raysweep.cluster.gpu import (CUDA_CONTEXT_BYTES, DEFAULT_RESERVE_BYTES, GIB, SLACK, Footprint, auto_gpu_shares,
                           bytes_by_split, choose_precision, memory_budget, need_by_fraction, plan_residency,
                           probe_cuda,
                           stream_bytes, summarize_cuda_probes, training_reserve_bytes, trial_rows)
@@ -57,8 +58,8 @@ def alexnet_footprints():
     """AlexNet (100 classes, 227 px) measured in fp32 and bf16, with what the caller had before."""
     import torch
 
-    from raysweep.gpu import measure_footprint
-    from raysweep.model import build_model
+    from raysweep.cluster.gpu import measure_footprint
+    from raysweep.trial.model import build_model
 
     model = build_model(100)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -143,7 +144,7 @@ def test_a_12gb_card_holds_train_and_test_at_fraction_1_and_streams_validation()
 
 
 def test_without_a_process_group_ranks_keep_their_own_plan():
-    from raysweep.gpu import agree_on_residency
+    from raysweep.trial.residency import agree_on_residency
 
     plan = {"train": True, "validation": False}
     assert agree_on_residency(plan) == plan
@@ -152,7 +153,7 @@ def test_without_a_process_group_ranks_keep_their_own_plan():
 def _vote(rank: int, world: int, init: str, out: str) -> None:
     import torch.distributed as dist
 
-    from raysweep.gpu import agree_on_residency
+    from raysweep.trial.residency import agree_on_residency
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
@@ -269,8 +270,8 @@ def test_cuda_preflight_runs_on_each_node_through_ray(ray_session):
     """The session cluster's nodes have no GPU: the real probe, run pinned on each (asking for
     no GPU share, which they could not give), fails there, and the sweep would stop with one
     line naming a node and the driver's reason."""
-    from raysweep.cluster import node_label
-    from raysweep.gpu import cuda_preflight
+    from raysweep.cluster.connect import node_label
+    from raysweep.cluster.preflight import cuda_preflight
 
     nodes = trial_nodes(ray_session.nodes(), use_gpu=False)
     with pytest.raises(RaysweepError) as err:
@@ -347,7 +348,7 @@ def test_probe_on_this_gpu_trains_a_convolution(bf16):
 @needs_gpu("to enforce a memory fraction")
 def test_the_memory_budget_is_enforced_by_the_allocator():
     # In a child: the fraction stays with the process that set it.
-    code = ("import torch\nfrom raysweep.gpu import apply_memory_budget\n"
+    code = ("import torch\nfrom raysweep.cluster.gpu import apply_memory_budget\n"
             "dev = torch.device('cuda', 0)\nb = apply_memory_budget(dev, 0.25)\n"
             "x = torch.empty(int(b * 0.8), dtype=torch.uint8, device=dev)\n"
             "try:\n    y = torch.empty(int(b * 0.4), dtype=torch.uint8, device=dev)\n    print('no-oom')\n"

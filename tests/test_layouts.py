@@ -1,6 +1,6 @@
 """Hub layouts and column detection (raysweep.data.layout): pure, no Ray, on generated parquet.
 
-Each fixture is written with the hub's exact schema (`raysweep.synthetic.hub_schema`), in
+Each fixture is written with the hub's exact schema (`raysweep.data.synthetic.hub_schema`), in
 the layouts the hub uses: data/, a config folder such as plain_text/, and the top level.
 """
 
@@ -16,7 +16,7 @@ import pytest
 
 from raysweep.data.layout import find_layout, group_files, hub_patterns
 from raysweep.errors import RaysweepError
-from raysweep.synthetic import class_names, hub_schema, write_synthetic
+from raysweep.data.synthetic import class_names, hub_schema, write_synthetic
 
 
 def make_set(root, folder="data", image_column="image", val=True, classes=3):

@@ -1,4 +1,4 @@
-"""raysweep.manifest: every field the issue lists, atomic writes, resume keeps the first start,
+"""raysweep.sweep.manifest: every field the issue lists, atomic writes, resume keeps the first start,
 outside a git checkout, GPUs read from nvidia-smi, and cheap enough to call at every start."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from raysweep import manifest as M
+from raysweep.sweep import manifest as M
 from raysweep.errors import RaysweepError
 
 REPO = Path(__file__).resolve().parent.parent

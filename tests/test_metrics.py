@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from raysweep.metrics import Meter, chance_top_k_error, clearly_below_chance, top_k_error, top_k_wrong
+from raysweep.trial.metrics import Meter, chance_top_k_error, clearly_below_chance, top_k_error, top_k_wrong
 
 
 def numpy_top_k_error(logits: np.ndarray, targets: np.ndarray, k: int) -> float:

@@ -8,7 +8,7 @@ import torch
 from torchvision.models import AlexNet, alexnet
 
 from raysweep.errors import RaysweepError
-from raysweep.model import build_model, model_info
+from raysweep.trial.model import build_model, model_info
 
 
 def _count(model) -> int:

@@ -310,7 +310,7 @@ def test_the_carving_settings_key_the_cache_only_when_there_is_carving(carved, s
 
 def test_a_skipped_image_in_a_carved_row_leaves_validation_and_train_consistent(ray_session, tmp_path):
     from raysweep.data import carve_validation
-    from raysweep.synthetic import write_synthetic
+    from raysweep.data.synthetic import write_synthetic
 
     root = write_synthetic(tmp_path / "set", classes=3, train_per_class=6, val_per_class=0, test_per_class=2,
                            folder="plain_text", size=(16, 16))

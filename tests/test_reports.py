@@ -1,4 +1,4 @@
-"""Reports from a trial's worker to Train (raysweep.reporting) and from Train's controller to
+"""Reports from a trial's worker to Train (raysweep.trial.reporting) and from Train's controller to
 Tune (trainer._forward_to_tune), without Ray running."""
 
 import json
@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from raysweep import trainer
-from raysweep.reporting import EARLIER, Reporter, pack, unpack
+from raysweep.sweep import trainer
+from raysweep.trial.reporting import EARLIER, Reporter, pack, unpack
 
 
 class FitEndsAsItIsAsked:

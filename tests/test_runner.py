@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from raysweep.config import TrainConfig
-from raysweep.device_data import DeviceSplit
-from raysweep.runner import BestWeights, Runner, augment, epochs_for_budget, lr_factor
+from raysweep.trial.device_data import DeviceSplit
+from raysweep.trial.runner import BestWeights, Runner, augment, epochs_for_budget, lr_factor
 
 def test_step_schedule_and_warmup_follow_progress():
     tc = TrainConfig(epochs=90, schedule="step", step_epochs=30, step_gamma=0.1, lr=0.01)
@@ -120,11 +120,11 @@ def test_scale_one_only_flips_and_resamples_nothing():
 
 FAULTS_SCRIPT = """
 import resource, sys, torch
-import raysweep.runner as rr
+import raysweep.trial.runner as rr
 if sys.argv[1] == "plain":
     rr.keep_freed_memory = lambda: False  # the loop as it was
 from raysweep.config import TrainConfig
-from raysweep.device_data import DeviceSplit
+from raysweep.trial.device_data import DeviceSplit
 torch.set_num_threads(2)
 tc = TrainConfig(epochs=1, batch_size=32, optimizer="adamw", lr=1e-3, schedule="constant")
 g = torch.Generator().manual_seed(0)
@@ -146,7 +146,7 @@ def test_a_cpu_step_reuses_freed_memory_instead_of_faulting_it_in_again():
     import subprocess
     import sys
 
-    from raysweep.runner import keep_freed_memory
+    from raysweep.trial.runner import keep_freed_memory
 
     if not keep_freed_memory():
         pytest.skip("not glibc: its malloc settings do not apply")
@@ -163,7 +163,7 @@ def test_a_cpu_step_reuses_freed_memory_instead_of_faulting_it_in_again():
 
 THREAD_FAULTS_SCRIPT = """
 import ctypes, resource, threading
-import raysweep.runner as rr
+import raysweep.trial.runner as rr
 
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
@@ -203,8 +203,8 @@ def test_a_cpu_trial_worker_loop_in_a_thread_keeps_its_memory_too():
     import subprocess
     import sys
 
-    from raysweep.runner import keep_freed_memory
-    from raysweep.trainer import worker_env_vars
+    from raysweep.trial.runner import keep_freed_memory
+    from raysweep.sweep.trainer import worker_env_vars
 
     if not keep_freed_memory():
         pytest.skip("not glibc: its malloc settings do not apply")

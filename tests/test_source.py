@@ -20,7 +20,7 @@ from raysweep.data import builtin_names, check_local_source, prepare, resolve_so
 from raysweep.data.layout import hub_patterns
 from raysweep.data.sample import main as sample_main
 from raysweep.errors import RaysweepError
-from raysweep.synthetic import write_synthetic
+from raysweep.data.synthetic import write_synthetic
 
 SAMPLE = Path(source.__file__).parent / "builtin" / "cifar10-sample"
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

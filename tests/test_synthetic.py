@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from raysweep.synthetic import write_synthetic
+from raysweep.data.synthetic import write_synthetic
 
 SPLITS = ("train", "validation", "test")
 PER_CLASS = {"train": 12, "validation": 4, "test": 4}  # the session fixture's shape
@@ -114,12 +114,12 @@ def test_same_seed_same_data_other_seed_other_data(tmp_path):
 
 def test_cli_writes_the_layout_and_rejects_bad_sizes(tmp_path):
     out = tmp_path / "cli"
-    run = subprocess.run([sys.executable, "-m", "raysweep.synthetic", str(out), "--classes", "3",
+    run = subprocess.run([sys.executable, "-m", "raysweep.data.synthetic", str(out), "--classes", "3",
                           "--train-per-class", "2", "--val-per-class", "1", "--test-per-class", "1"],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert pq.read_metadata(files(out)["train"]).num_rows == 6
-    bad = subprocess.run([sys.executable, "-m", "raysweep.synthetic", str(out), "--classes", "0"],
+    bad = subprocess.run([sys.executable, "-m", "raysweep.data.synthetic", str(out), "--classes", "0"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines() == ["raysweep: error: synthetic: classes must be >= 1, got 0"]

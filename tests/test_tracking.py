@@ -1,4 +1,4 @@
-"""raysweep.tracking: MLflow as an optional extra. Read back with MLflow's own client from a
+"""raysweep.sweep.tracking: MLflow as an optional extra. Read back with MLflow's own client from a
 real local `file:` store: one run per trial, each epoch's metrics, the final test metrics, the
 analysis as a parent run; and a one-line error without MLflow."""
 
@@ -12,7 +12,7 @@ import pytest
 
 from analysis import plot_scaling
 from analysis import results as R
-from raysweep import tracking as T
+from raysweep.sweep import tracking as T
 from raysweep.errors import RaysweepError
 
 CFG = {"name": "smoke", "train": {"lr": 1e-4, "epochs": 3}, "sweep": {"fractions": [1.0, 0.5], "seeds": [0]}}

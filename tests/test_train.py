@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raysweep.device_data import StreamSplit
+from raysweep.trial.device_data import StreamSplit
 
 METRICS = ["epoch", "lr", "train_loss", "train_top1_error", "train_top5_error", "val_loss",
            "val_top1_error", "val_top5_error", "images_per_sec", "n_train", "steps"]
@@ -61,7 +61,7 @@ def _recorder_class():
                 f.write(json.dumps(row) + "\n")
 
         def after_report(self, run_context, metrics, checkpoint):
-            from raysweep.reporting import unpack
+            from raysweep.trial.reporting import unpack
 
             # One report may carry several epochs; its checkpoint is its last epoch's.
             rows = unpack(metrics[0])
@@ -77,7 +77,7 @@ def _recorder_class():
 @pytest.fixture(scope="module")
 def prepared(ray_session, tmp_path_factory):
     from raysweep.data import prepare
-    from raysweep.synthetic import write_synthetic
+    from raysweep.data.synthetic import write_synthetic
 
     src = write_synthetic(tmp_path_factory.mktemp("syn"), classes=4, train_per_class=12,
                           val_per_class=4, test_per_class=4, seed=0)
@@ -89,7 +89,7 @@ def run_trial(prepared, tmp_path: Path, name: str, fraction: float = 1.0, keep=N
     import ray.train
 
     from raysweep.config import Config
-    from raysweep.trainer import build_trainer
+    from raysweep.sweep.trainer import build_trainer
 
     cfg = Config.from_dict({"name": name, "data": {"image_size": 64}, "model": {"width": 0.25}, "train": {
         "epochs": 2, "batch_size": 16, "eval_batch_size": 64, "optimizer": "adamw", "lr": 1e-3,
@@ -148,7 +148,7 @@ def test_trial_reports_every_metric_and_where_its_time_went(plain):
 
 def _evaluate(weights: dict, prepared) -> dict:
     """An evaluation written apart from the loop: torchvision's AlexNet layout, numpy for the errors."""
-    from raysweep.model import build_model
+    from raysweep.trial.model import build_model
 
     model = build_model(prepared.num_classes, 0.5, "alexnet", 0.25)
     model.load_state_dict(weights)
@@ -166,7 +166,7 @@ def _evaluate(weights: dict, prepared) -> dict:
 @pytest.mark.slow
 def test_the_best_validation_checkpoint_is_the_one_tested(prepared, tmp_path):
     from raysweep.data import stratified_subset
-    from raysweep.train import BEST_FILE, STATE_FILE, load_best_weights
+    from raysweep.trial.loop import BEST_FILE, STATE_FILE, load_best_weights
 
     # lr x100 after epoch 1 makes AdamW blow the model up: epoch 1 is the best, not the last.
     result, reports, _ = run_trial(prepared, tmp_path, "best", fraction=0.5,

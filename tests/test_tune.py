@@ -47,7 +47,7 @@ def test_user_errors_are_one_line_and_start_nothing(tmp_path, args, expect):
 def test_smoke_sweep_reads_back_through_tune(smoke_experiment, ray_session):
     from ray import tune
 
-    from raysweep.trainer import run_trial
+    from raysweep.sweep.trainer import run_trial
 
     analysis = tune.ExperimentAnalysis(str(smoke_experiment))
     grid = {(t.config["fraction"], t.config["seed"]) for t in analysis.trials}
@@ -230,10 +230,31 @@ def test_ctrl_c_right_after_a_checkpoint_then_resume_keeps_every_epoch_once(ray_
 
 
 def test_a_stopped_sweep_lists_grid_points_never_started():
-    from raysweep.summary import complete_grid
+    from raysweep.sweep.summary import complete_grid
 
     done = [{"fraction": 1.0, "seed": 0, "status": "TERMINATED"},
             {"fraction": 0.5, "seed": 0, "status": "UNFINISHED"}]
     rows = complete_grid(done, [1.0, 0.5], [0, 1])
     assert [(r["fraction"], r["seed"], r["status"]) for r in rows] == [
         (1.0, 0, "TERMINATED"), (1.0, 1, "NOT_STARTED"), (0.5, 0, "UNFINISHED"), (0.5, 1, "NOT_STARTED")]
+
+
+@pytest.mark.slow
+def test_a_two_worker_cpu_trial_trains_through_a_sweep(ray_cluster, tmp_path):
+    """sweep.cpu_workers_per_trial=2: one trial on two Train workers (DDP over gloo, one on each
+    node of the session cluster), through the CLI, to its test error."""
+    import json
+
+    proc = run_cli("raysweep.tune", "--config", "configs/smoke.yaml", "--address", ray_cluster,
+                   "--storage-path", str(tmp_path), "--name", "ddp", "--fractions", "1", "--seeds", "0",
+                   "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "sweep.cpu_workers_per_trial=2")
+    assert "2 CPU workers" in proc.stdout
+    rows = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert [r["status"] for r in rows] == ["TERMINATED"]
+    epochs = [json.loads(line) for line in
+              next((tmp_path / "ddp").glob("*/result.json")).read_text().splitlines()]
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    assert all(e["world_size"] == 2 for e in epochs)
+    # Each rank trains on its half of the subset: 48 images, 24 a rank, 2 steps of 16 an epoch
+    # on each (the last batch of 8 too): the trial's step count is one rank's.
+    assert epochs[-1]["steps"] == 2 * 2 and 0 <= epochs[-1]["test_top1_error"] <= 1

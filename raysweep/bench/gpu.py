@@ -5,7 +5,7 @@ Stages, in order, each started only if it still fits the time limit:
            augmentation, step, metrics) in img/s at batch 128, channels_last, bf16 on and off,
            and eval img/s; compiled variants run last, as they cost a compile each
   memory   peak memory with a fraction-1 mini-ImageNet trial's splits held on the device,
-           beside raysweep.gpu's estimate (data + reserve)
+           beside raysweep.cluster.gpu's estimate (data + reserve)
   packing  1, 2 and 4 fraction-1/16 trials on one GPU as concurrent processes, each under its
            memory budget (set_per_process_memory_fraction): aggregate img/s, OOMs, budgets
   sweep    a 2-trial, 3-epoch sweep through Ray (python -m raysweep.tune, synthetic data):
@@ -65,7 +65,7 @@ def _first_line(err: BaseException) -> str:
 
 
 def _require_cuda() -> None:
-    from raysweep.cluster import physical_gpus
+    from raysweep.cluster.resources import physical_gpus
 
     if physical_gpus() == 0:  # answers without importing torch
         raise RaysweepError("bench gpu: no CUDA device is available (no NVIDIA GPU in /proc/driver/nvidia/gpus "
@@ -73,7 +73,7 @@ def _require_cuda() -> None:
     import torch
 
     if not torch.cuda.is_available():
-        from raysweep.gpu import no_cuda_reason
+        from raysweep.cluster.gpu import no_cuda_reason
 
         reason, fix = no_cuda_reason(torch)
         raise RaysweepError(f"bench gpu: no CUDA device is available to torch: {reason}; fix: {fix}")
@@ -101,7 +101,7 @@ def _random_split(n: int, size: int, device, classes: int, seed: int = 0):
     """A DeviceSplit of n random uint8 images, filled in chunks (no wide temporaries)."""
     import torch
 
-    from raysweep.device_data import DeviceSplit
+    from raysweep.trial.device_data import DeviceSplit
 
     g = torch.Generator(device=device).manual_seed(seed)
     images = torch.empty((n, size, size, 3), dtype=torch.uint8, device=device)
@@ -112,7 +112,7 @@ def _random_split(n: int, size: int, device, classes: int, seed: int = 0):
 
 def _runner(args, device, bf16: bool, compile_: bool):
     from raysweep.config import TrainConfig
-    from raysweep.runner import Runner
+    from raysweep.trial.runner import Runner
 
     tc = TrainConfig(batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, bf16=bf16,
                      channels_last=True, compile=compile_, schedule="constant")
@@ -120,8 +120,8 @@ def _runner(args, device, bf16: bool, compile_: bool):
 
 
 def _reserve(args) -> int:
-    from raysweep.gpu import measure_footprint, training_reserve_bytes
-    from raysweep.model import build_model
+    from raysweep.cluster.gpu import measure_footprint, training_reserve_bytes
+    from raysweep.trial.model import build_model
 
     fp = measure_footprint(build_model(args.classes, width=args.width), args.image_size, "bf16")
     return training_reserve_bytes(fp, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
@@ -180,7 +180,7 @@ def _memory(args, device, reserve: int) -> dict:
     the allocator's peak beside the estimate."""
     import torch
 
-    from raysweep.gpu import bytes_by_split, memory_budget, plan_residency, row_bytes, stream_bytes
+    from raysweep.trial.residency import bytes_by_split, memory_budget, plan_residency, row_bytes, stream_bytes
 
     rows = args.rows
     sizes = bytes_by_split(rows, args.image_size)
@@ -236,7 +236,7 @@ def _pack(args, device, reserve: int, k: int) -> dict:
     """k packed trials as processes: all warm up, then train together for --pack-seconds."""
     import numpy as np
 
-    from raysweep.gpu import trial_rows
+    from raysweep.cluster.gpu import trial_rows
 
     labels = np.repeat(np.arange(args.classes), max(1, args.rows["train"] // args.classes))
     rows = trial_rows(labels, args.pack_fraction, args.rows["validation"], args.rows["test"])
@@ -290,7 +290,7 @@ def _pack_worker(spec: dict) -> int:
     """One packed trial (a child of `_pack`): prints one JSON line."""
     import torch
 
-    from raysweep.gpu import apply_memory_budget, bytes_by_split, plan_residency, stream_bytes
+    from raysweep.trial.residency import apply_memory_budget, bytes_by_split, plan_residency, stream_bytes
 
     args = argparse.Namespace(**spec)
     device, size, bs = torch.device(args.device), args.image_size, args.batch_size

@@ -39,7 +39,8 @@ from collections import Counter
 from pathlib import Path
 
 from raysweep.errors import RaysweepError, cli_entry
-from raysweep.warm import TRAIN_WORKER
+# The process title Ray gives Train's worker actor (Ray's own name for the class).
+TRAIN_WORKER = b"ray::RayTrainWorker"
 
 GOALS = {"median_epoch_overhead_s": 0.1, "time_to_first_step_s": 8.0, "in_trial_vs_bench_img_s": 0.9}
 
@@ -98,8 +99,8 @@ class OutsideRay:
 
         from raysweep.config import load_config
         from raysweep.data import prepare_from_config, stratified_subset
-        from raysweep.device_data import DeviceSplit
-        from raysweep.runner import Runner, epochs_for_budget
+        from raysweep.trial.device_data import DeviceSplit
+        from raysweep.trial.runner import Runner, epochs_for_budget
 
         cfg = load_config(cfg_path)
         prepared = prepare_from_config(cfg.data, progress=False)
@@ -147,7 +148,7 @@ def paused(root_pid: int, only=None):
 def _reported_epoch(runs: Path, fresh_s: float = 2.0) -> int | None:
     """The last epoch a trial training now has handed to Train (its worker's ledger, written
     within `fresh_s`), or None when no trial is training."""
-    from raysweep.train import LEDGER_FILE
+    from raysweep.trial.loop import LEDGER_FILE
 
     newest = None
     for path in runs.glob(f"*/{LEDGER_FILE}"):
@@ -405,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         cfg_path = _config(a, work)
         from raysweep.config import load_config
-        from raysweep.console import quiet_ray_logs
+        from raysweep.sweep.ray_compat import quiet_ray_logs
         from raysweep.data import prepare_from_config
         from raysweep.tune import TRAIN_RUNS
 

@@ -50,7 +50,7 @@ def _photo_rows(source_dir: Path, n: int, seed: int = 0):
 
 def build_images(work_dir: Path, n: int, source_dir: Path | None) -> Path:
     """A hub-layout directory with n real-size JPEGs in train (+ 1% each in validation/test)."""
-    from raysweep.synthetic import class_names, synthetic_rows, write_split
+    from raysweep.data.synthetic import class_names, synthetic_rows, write_split
 
     tag = f"photos-{source_dir.name}" if source_dir else "synthetic"
     root = work_dir / f"images-{tag}-{n}"
@@ -105,7 +105,7 @@ def _warm_up(work_dir: Path, size: int) -> None:
     import ray
 
     from raysweep.data import prepare
-    from raysweep.synthetic import write_synthetic
+    from raysweep.data.synthetic import write_synthetic
 
     if not ray.is_initialized():
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)

@@ -58,8 +58,8 @@ def _prepare(args, device: torch.device, n_rows: int):
     import ray
 
     from raysweep.data import prepare
-    from raysweep.synthetic import write_synthetic
-    from raysweep.device_data import load_split
+    from raysweep.data.synthetic import write_synthetic
+    from raysweep.trial.device_data import load_split
 
     with tempfile.TemporaryDirectory(prefix="rs-bench-") as tmp:
         classes = 10
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         torch.backends.cudnn.benchmark = True
 
-    from raysweep.runner import Runner
+    from raysweep.trial.runner import Runner
 
     split = _prepare(args, device, max(args.hold, bs * (steps + warmup)))
     tc = TrainConfig(batch_size=bs, optimizer=args.optimizer, bf16=not args.no_bf16,

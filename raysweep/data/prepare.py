@@ -116,23 +116,18 @@ def choose_decoder(src: Source, image_size: int) -> str:
 
 @contextlib.contextmanager
 def quiet_ray_data():
-    """Mute Ray Data's console INFO lines (plans, "execution finished") and its notice that its
-    own progress bars are off: raysweep's Progress is the one display. Its warnings and errors
-    still show, and its log file (ray-data.log) keeps everything."""
+    """Ray Data's console INFO lines (plans, "execution finished") off while the cache is built:
+    raysweep's Progress is the one display. Its warnings and errors still show, and its log
+    file (ray-data.log) keeps everything."""
     import logging
 
-    from ray.util.debug import log_once
-
-    log_once("ray_data_progress_manager_disabled")  # marks that one-time notice as already shown
-    consoles = [h for h in logging.getLogger("ray.data").handlers if getattr(h, "name", "") == "console"]
-    levels = [h.level for h in consoles]
-    for h in consoles:
-        h.setLevel(max(h.level, logging.WARNING))
+    logger = logging.getLogger("ray.data")
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
     try:
         yield
     finally:
-        for h, level in zip(consoles, levels):
-            h.setLevel(level)
+        logger.setLevel(level)
 
 
 def _remove_dead_temps(final: Path) -> None:

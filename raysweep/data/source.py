@@ -170,7 +170,7 @@ def _fingerprint(src: Source) -> str:
 
 def _synthetic_root(cache_dir, params: dict) -> Path:
     """Generate the synthetic set once per parameter set, atomically, under the cache dir."""
-    from raysweep.synthetic import write_synthetic
+    from raysweep.data.synthetic import write_synthetic
 
     unknown = set(params) - set(SYNTHETIC_DEFAULTS)
     if unknown:

@@ -15,6 +15,8 @@ from typing import Dict
 from ray.air.constants import EXPR_PROGRESS_FILE, EXPR_RESULT_FILE, TRAINING_ITERATION
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
 
+from raysweep.sweep import ray_compat
+
 TB_PATTERN = "events.out.tfevents.*"
 
 
@@ -28,7 +30,7 @@ class _EveryEpochOnce:
     def on_trial_start(self, iteration, trials, trial, **info):
         self._logged_epochs()[trial] = set()
         self.log_trial_end(trial)  # close any handle from an earlier start of this trial
-        trial.init_local_path()
+        ray_compat.fresh_trial_dir(trial)
         self._forget(trial)
         super().on_trial_start(iteration, trials, trial, **info)
 

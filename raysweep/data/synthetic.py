@@ -207,7 +207,7 @@ def write_synthetic(out_dir, classes: int = 10, train_per_class: int = 40, val_p
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m raysweep.synthetic", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m raysweep.data.synthetic", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("out_dir", metavar="OUT_DIR")
     p.add_argument("--classes", type=int, default=10, help="number of classes")

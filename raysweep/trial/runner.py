@@ -17,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from raysweep.config import TrainConfig
-from raysweep.metrics import Meter, top_k_wrong
-from raysweep.model import build_model
+from raysweep.trial.metrics import Meter, top_k_wrong
+from raysweep.trial.model import build_model
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -1,5 +1,5 @@
-"""Starting or joining Ray, counting the GPUs that are really there, sizing trials, and the
-checks every node that trains must pass (its preflights run here, one task per node).
+"""Counting the GPUs that are really there, and sizing trials: how many run at once, with
+how many workers, CPUs and GPU shares each.
 
 `plan_resources` and `plan_local` are pure or nearly so and import neither torch nor Ray, so a
 request the machine cannot serve is refused in well under a second, before Ray starts.
@@ -46,7 +46,8 @@ class ResourcePlan:
 
     def describe(self) -> str:
         if not self.use_gpu:
-            per = f"1 CPU worker ({self.cpus_per_worker} CPU, {self.torch_threads} torch threads)"
+            per = (f"{self.num_workers} CPU worker{'s' if self.num_workers > 1 else ''} "
+                   f"({self.cpus_per_worker} CPU, {self.torch_threads} torch threads{' each, DDP' if self.num_workers > 1 else ''})")
         elif self.auto and self.gpu_shares:
             shares = ", ".join(f"{f:g}: {s:g}" for f, s in sorted(self.gpu_shares.items(), reverse=True))
             per = f"1 GPU worker, GPU share by fraction (auto) {shares}"
@@ -60,15 +61,18 @@ class ResourcePlan:
 def plan_resources(*, cluster_cpus: float, cluster_gpus: float, gpus_per_trial: float | str,
                    cpus_per_trial: int, gpus_per_trial_explicit: bool = False,
                    host_cpus: int | None = None, gpu_memory_bytes: int | None = None,
-                   trial_bytes: Mapping[float, int] | None = None, max_trials: int = 0) -> ResourcePlan:
+                   trial_bytes: Mapping[float, int] | None = None, max_trials: int = 0,
+                   cpu_workers: int = 1) -> ResourcePlan:
     """Decide trial resources for a cluster with `cluster_cpus` CPUs and `cluster_gpus` GPUs.
 
     A number: GPU trials get one worker per whole GPU (>= 1) or one worker holding that share
     of a GPU (< 1) for every fraction. "auto": one worker per trial, its share by fraction from
-    `raysweep.gpu.auto_gpu_shares(trial_bytes, gpu_memory_bytes)` (trial_bytes: fraction ->
+    `raysweep.cluster.gpu.auto_gpu_shares(trial_bytes, gpu_memory_bytes)` (trial_bytes: fraction ->
     its splits plus reserve, in bytes); without those yet, one GPU each. With no GPUs a trial
     gets one CPU worker, unless the user explicitly asked for GPUs per trial. `max_trials` (> 0)
     caps the trials at once (sweep.max_concurrent_trials); CPU threads are shared among those.
+    `cpu_workers` (sweep.cpu_workers_per_trial): a CPU trial's DDP workers (gloo), each with
+    `cpus_per_trial` CPUs.
     """
     cap = max_trials if max_trials > 0 else math.inf
     auto = gpus_per_trial == "auto"
@@ -78,7 +82,7 @@ def plan_resources(*, cluster_cpus: float, cluster_gpus: float, gpus_per_trial: 
         if auto:
             workers, per_worker = 1, 1.0
             if gpu_memory_bytes and trial_bytes:
-                from raysweep.gpu import auto_gpu_shares
+                from raysweep.cluster.gpu import auto_gpu_shares
 
                 shares = auto_gpu_shares(trial_bytes, gpu_memory_bytes)
             smallest = min(shares.values(), default=1.0)
@@ -103,14 +107,16 @@ def plan_resources(*, cluster_cpus: float, cluster_gpus: float, gpus_per_trial: 
             "(pass --gpus-per-trial 0 to train on the CPU)")
     # A CPU trial reads its data with tasks that hold no CPU (PreparedData.dataset), once, at
     # its start: no CPU needs keeping free for Ray Data, so every core can train a trial.
-    concurrent = int(cluster_cpus // cpus_per_trial)
+    workers = max(1, int(cpu_workers))
+    concurrent = int(cluster_cpus // (cpus_per_trial * workers))
     if concurrent < 1:
         raise RaysweepError(
-            f"the cluster has {cluster_cpus:g} CPU(s): a CPU trial needs sweep.cpus_per_trial={cpus_per_trial}")
+            f"the cluster has {cluster_cpus:g} CPU(s): a CPU trial needs sweep.cpus_per_trial={cpus_per_trial} "
+            f"x sweep.cpu_workers_per_trial={workers}")
     concurrent = int(min(concurrent, cap))
     cores = host_cpus or int(cluster_cpus)
-    threads = max(cpus_per_trial, cores // concurrent)
-    return ResourcePlan(False, 1, 0.0, cpus_per_trial, concurrent, threads)
+    threads = max(cpus_per_trial, cores // (concurrent * workers))
+    return ResourcePlan(False, workers, 0.0, cpus_per_trial, concurrent, threads)
 
 
 # --- counting GPUs without torch --------------------------------------------------------
@@ -161,7 +167,7 @@ def physical_gpus(*, proc_dir: str = PROC_GPUS, env: Mapping[str, str] | None = 
     """GPUs this host really has and this process may use (Ray happily declares GPUs that do
     not exist). From the driver's /proc entries, else `nvidia-smi -L`; never imports torch,
     so it answers in milliseconds (at most `smi_timeout_s`). Whether CUDA works on them is
-    the CUDA preflight's question (raysweep.gpu.cuda_preflight)."""
+    the CUDA preflight's question (raysweep.cluster.gpu.cuda_preflight)."""
     visible = (os.environ if env is None else env).get("CUDA_VISIBLE_DEVICES")
     if visible is not None and visible.strip() in ("", "-1", "NoDevFiles"):
         return 0
@@ -192,131 +198,3 @@ def plan_local(*, num_gpus: int | None, gpus_per_trial: float | str, cpus_per_tr
                           cpus_per_trial=cpus_per_trial, gpus_per_trial_explicit=gpus_per_trial_explicit,
                           host_cpus=cores)
     return LocalPlan(plan, cores, use)
-
-
-# --- Ray: start or join, and one task per node ------------------------------------------
-
-def start_or_join(*, address: str | None, num_gpus: int | None, dashboard_host: str,
-                  quiet: bool) -> dict:
-    """Start a local Ray instance (with dashboard) or join `address`; returns what we know of it.
-
-    The returned dict has `cpus`, `gpus`, `dashboard_url`, `max_node_cpus` and `local`
-    (True if we started it).
-    """
-    import ray
-
-    if address:
-        have = None
-    else:
-        have = physical_gpus()
-        if num_gpus is not None and num_gpus > have:
-            raise RaysweepError(f"--num-gpus {num_gpus} asked for, but this machine has {have} GPU(s)")
-    try:
-        if address:
-            ctx = ray.init(address=address, log_to_driver=not quiet, logging_level="WARNING")
-        else:
-            ctx = ray.init(num_cpus=os.cpu_count(), num_gpus=have if num_gpus is None else num_gpus,
-                           include_dashboard=True, dashboard_host=dashboard_host,
-                           log_to_driver=not quiet, logging_level="WARNING")
-    except ConnectionError as err:
-        raise RaysweepError(f"cannot reach the Ray cluster at --address {address}: {err}") from None
-    res = ray.cluster_resources()
-    gpus = float(res.get("GPU", 0.0))
-    if address and num_gpus is not None and num_gpus > gpus:
-        raise RaysweepError(f"--num-gpus {num_gpus} asked for, but the cluster at {address} has {gpus:g} GPU(s)")
-    if address is None and num_gpus is not None:
-        gpus = float(num_gpus)
-    url = ctx.dashboard_url or ""
-    if url and not url.startswith("http"):
-        url = f"http://{url}"
-    # A CPU trial's torch threads must fit on one node, however large the cluster.
-    node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
-    return {"cpus": float(res.get("CPU", 0.0)), "gpus": gpus, "dashboard_url": url,
-            "local": address is None, "max_node_cpus": int(node_cpus)}
-
-
-def trial_nodes(nodes: Sequence[Mapping[str, Any]], use_gpu: bool) -> list[Mapping[str, Any]]:
-    """The alive nodes where trials can run: those with GPUs for a GPU sweep, else with CPUs
-    (a head started with --num-cpus=0 --num-gpus=0 runs none). `nodes` as from ray.nodes()."""
-    key = "GPU" if use_gpu else "CPU"
-    return [n for n in nodes if n.get("Alive") and n.get("Resources", {}).get(key, 0) > 0]
-
-
-def node_label(node: Mapping[str, Any]) -> str:
-    """`10.0.0.5 (a1b2c3d4)`: the address people know, and the id that tells apart nodes sharing it."""
-    return f"{node.get('NodeManagerAddress', '?')} ({str(node.get('NodeID', ''))[:8]})"
-
-
-def run_on_nodes(fn: Callable[..., dict], nodes: Sequence[Mapping[str, Any]], *, args: tuple = (),
-                 timeout_s: float = 120.0, num_gpus: float = 0) -> list[dict]:
-    """Run `fn(*args)` once on each node (pinned there) and return its dicts, each with "node".
-
-    The tasks hold no CPU (and `num_gpus`, a sliver at most, so that Ray shows them a GPU as it
-    shows a trial one); each runs in a worker process that exits afterwards (max_calls=1), so a
-    probe that touched CUDA leaves no context behind on the GPU. A node that fails or does not
-    answer in `timeout_s` becomes an {"ok": False} result naming why.
-    """
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    task = ray.remote(num_cpus=0, num_gpus=num_gpus, max_calls=1)(fn)
-    refs = [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(str(n["NodeID"]), soft=False))
-            .remote(*args) for n in nodes]
-    _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s) if refs else ([], [])
-    results = []
-    for node, ref in zip(nodes, refs):
-        if ref in pending:
-            ray.cancel(ref, force=True)
-            out = {"ok": False, "reason": f"no answer within {timeout_s:g} s",
-                   "fix": "check the node in the Ray dashboard (is it alive? are all its GPUs taken?)"}
-        else:
-            try:
-                out = dict(ray.get(ref))
-            except Exception as err:  # the node died, or the task could not even start there
-                msg = (str(err).strip().splitlines() or [type(err).__name__])[-1]
-                out = {"ok": False, "reason": f"the check could not run there: {msg}",
-                       "fix": "check the node in the Ray dashboard"}
-        out["node"] = node_label(node)
-        results.append(out)
-    return results
-
-
-# --- the prepared cache on every node that trains ---------------------------------------
-
-def probe_cache(meta_path: str) -> dict:
-    """On this node: can the prepared cache's meta.json be read (and parsed)?"""
-    import json
-
-    try:
-        with open(meta_path) as f:
-            json.load(f)
-    except FileNotFoundError:
-        return {"ok": False, "reason": "no such file"}
-    except (OSError, ValueError) as err:
-        return {"ok": False, "reason": f"cannot be read: {err}"}
-    return {"ok": True, "reason": ""}
-
-
-def check_cache_results(results: Sequence[Mapping[str, Any]], meta_path: str) -> None:
-    """Raise one line naming the first node that cannot read the cache, and the path."""
-    bad = [r for r in results if not r.get("ok")]
-    if not bad:
-        return
-    more = f" (and {len(bad) - 1} more node(s))" if len(bad) > 1 else ""
-    raise RaysweepError(
-        f"node {bad[0].get('node', '?')} cannot read the prepared cache {meta_path}: {bad[0].get('reason')}{more}; "
-        "put data.cache_dir on storage every training node mounts at the same path")
-
-
-def check_cache_on_nodes(cache_path: str | os.PathLike, *, use_gpu: bool,
-                         nodes: Sequence[Mapping[str, Any]] | None = None,
-                         probe: Callable[[str], dict] = probe_cache, timeout_s: float = 60.0) -> int:
-    """Check that every node that can run trials reads `<cache_path>/meta.json`; returns how
-    many nodes were checked. Needs a connected Ray. `probe` runs on each node (tests swap it)."""
-    meta = str(Path(cache_path) / "meta.json")
-    if nodes is None:
-        import ray
-
-        nodes = trial_nodes(ray.nodes(), use_gpu)
-    check_cache_results(run_on_nodes(probe, nodes, args=(meta,), timeout_s=timeout_s), meta)
-    return len(nodes)
