@@ -5,12 +5,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help install test test-docker demo bench clean
+.PHONY: help install test test-docker demo demo-width bench clean
 
 help:
 	@echo "make install      create $(VENV) and install raysweep (editable) with its test extras"
 	@echo "make test         run the test suite on the CPU (installs first if needed)"
 	@echo "make demo         a 12-trial sweep on the vendored CIFAR-10 photos (~4 min on 2 cores), then the scaling analysis"
+	@echo "make demo-width   the joint law over data and width: 24 trials on the same photos, then the analysis"
 	@echo "make bench        decode, training-loop and Ray-overhead benchmarks (ratios measured side by side)"
 	@echo "make test-docker  container tests through the Docker SDK (starts dockerd if it can)"
 	@echo "make docker-build | docker-run ARGS=... | docker-run-cpu | docker-down | docker-logs"
@@ -42,6 +43,14 @@ demo: install
 	ln -sfn $(DEMO_NAME) results/demo-latest
 	$(BIN)/python -m analysis.plot_scaling results/$(DEMO_NAME) $(DEMO_ANALYSIS)
 	@echo "Figures: results/$(DEMO_NAME)/analysis/scaling.png, curves.png; report: results/$(DEMO_NAME)/analysis/report.md"
+
+# The joint law over data and width: 3 widths x 4 fractions x 2 seeds on the same photos.
+DEMO_WIDTH_NAME := demo-width-$(shell date +%Y%m%d-%H%M%S)
+demo-width: install
+	$(BIN)/python -m raysweep.tune --config configs/demo-width.yaml --name $(DEMO_WIDTH_NAME) --storage-path results
+	ln -sfn $(DEMO_WIDTH_NAME) results/demo-width-latest
+	$(BIN)/python -m analysis.plot_scaling results/$(DEMO_WIDTH_NAME) $(DEMO_ANALYSIS)
+	@echo "Figures: results/$(DEMO_WIDTH_NAME)/analysis/joint.png, frontier.png; report: results/$(DEMO_WIDTH_NAME)/analysis/report.md"
 
 bench: install
 	$(BIN)/python -m raysweep.bench prepare

@@ -81,6 +81,15 @@ class TrainConfig:
     # must also hold as many optimizer steps as this many passes over the whole training split
     # (a small subset's epoch is a few steps). 0 = always train `epochs` (then a count, not a cap).
     patience: int = 0
+    # What counts as "no new best" for early stopping and plateaus, so that every subset size is
+    # judged alike (the tested checkpoint is still the raw best epoch):
+    # - the select metric smoothed as an exponential moving average, this weight on the past
+    #   (0 = raw): a small validation split's epoch-to-epoch noise no longer sets the pace;
+    # - and no stop (or lr drop) while the training loss still falls faster than this many nats
+    #   per pass over the whole training split (steps, so a 1/8 subset's 8 epochs count as one
+    #   pass): a large subset is not stopped while it is still learning. 0 = off.
+    val_smoothing: float = 0.5
+    stop_loss_slope: float = 0.05
     # The validation error that picks the tested checkpoint and drives early stopping.
     # "auto": val_top5_error with 50 or more classes, else val_top1_error (raysweep.trial.metrics).
     select_metric: Literal["auto", "val_top1_error", "val_top5_error", "val_loss"] = "auto"
@@ -101,6 +110,9 @@ class TrainConfig:
 class SweepConfig:
     fractions: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.25, 0.125, 0.0625])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    # Model widths (AlexNet's channel multiplier, as model.width): the grid is fraction x width
+    # x seed. Empty: model.width alone. Every width trains on the same nested subsets per seed.
+    widths: list[float] = field(default_factory=list)
     # "auto": pack small-fraction trials several to a GPU, give large ones a whole GPU, from
     # the GPU's memory and each trial's data size. A number keeps its meaning: 1, 2, ... GPUs
     # (one worker each), or a share below 1 for every trial.
@@ -132,6 +144,11 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def widths(self) -> list[float]:
+        """The grid's widths: sweep.widths, or model.width alone."""
+        return [float(w) for w in self.sweep.widths] or [float(self.model.width)]
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "Config":
@@ -261,6 +278,10 @@ def validate(cfg: Config) -> None:
         raise RaysweepError("config key 'train.lr' must be > 0")
     if not 0.0 <= cfg.train.dropout < 1.0:
         raise RaysweepError(f"config key 'train.dropout' must be in [0, 1), got {cfg.train.dropout}")
+    if not 0.0 <= cfg.train.val_smoothing < 1.0:
+        raise RaysweepError(f"config key 'train.val_smoothing' must be in [0, 1), got {cfg.train.val_smoothing}")
+    if cfg.train.stop_loss_slope < 0:
+        raise RaysweepError(f"config key 'train.stop_loss_slope' must be >= 0, got {cfg.train.stop_loss_slope}")
     if not 0.0 < cfg.train.crop_scale_min <= 1.0:
         raise RaysweepError(f"config key 'train.crop_scale_min' must be in (0, 1], got {cfg.train.crop_scale_min}")
     g = cfg.sweep.gpus_per_trial
@@ -275,6 +296,13 @@ def validate(cfg: Config) -> None:
         raise RaysweepError("config key 'model.name' is empty: give a torchvision model name, e.g. alexnet")
     if not 0.0 < cfg.model.width <= 4.0:
         raise RaysweepError(f"config key 'model.width' must be in (0, 4], got {cfg.model.width}")
+    for w in cfg.sweep.widths:
+        if not 0.0 < w <= 4.0:
+            raise RaysweepError(f"config key 'sweep.widths' holds {w}: every width must be in (0, 4]")
+    if len(set(cfg.sweep.widths)) != len(cfg.sweep.widths):
+        raise RaysweepError(f"config key 'sweep.widths' has duplicates: {cfg.sweep.widths}")
+    if cfg.sweep.widths and cfg.model.name != "alexnet":
+        raise RaysweepError(f"config key 'sweep.widths' applies to alexnet only; model.name is {cfg.model.name!r}")
     if cfg.model.width != 1.0 and cfg.model.name != "alexnet":
         raise RaysweepError(f"config key 'model.width' applies to alexnet only; model.name is {cfg.model.name!r}")
 

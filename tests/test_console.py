@@ -50,8 +50,8 @@ def test_plain_progress_line_has_rate_elapsed_and_eta(clock):
 
 
 def test_sweep_eta_comes_from_finished_trials_of_the_same_fraction(clock):
-    plan = {(1.0, 0): {"max_epochs": 50, "n_train": 1000}, (1.0, 1): {"max_epochs": 50, "n_train": 1000},
-            (0.5, 0): {"max_epochs": 50, "n_train": 500}, (0.5, 1): {"max_epochs": 50, "n_train": 500}}
+    plan = {(1.0, 1.0, 0): {"max_epochs": 50, "n_train": 1000}, (1.0, 1.0, 1): {"max_epochs": 50, "n_train": 1000},
+            (0.5, 1.0, 0): {"max_epochs": 50, "n_train": 500}, (0.5, 1.0, 1): {"max_epochs": 50, "n_train": 500}}
     out = io.StringIO()
     d = SweepDisplay(plan, "val_top1_error", stream=out, concurrency=1)
     assert "ETA after the first trial ends" in d.bar._postfix
@@ -82,7 +82,7 @@ def test_sweep_eta_comes_from_finished_trials_of_the_same_fraction(clock):
 
 
 def test_sweep_eta_divides_by_concurrency_and_counts_each_epoch_once(clock):
-    plan = {(1.0, s): {"max_epochs": 10, "n_train": 100} for s in range(4)}
+    plan = {(1.0, 1.0, s): {"max_epochs": 10, "n_train": 100} for s in range(4)}
     d = SweepDisplay(plan, "val_top1_error", stream=io.StringIO(), concurrency=2)
     first = trial(1.0, 0, epoch=10, max_epochs=10)
     d.on_trial_start(0, [], first)
@@ -95,7 +95,7 @@ def test_sweep_eta_divides_by_concurrency_and_counts_each_epoch_once(clock):
 
 
 def test_a_retried_and_a_failed_trial_each_get_one_line_naming_their_error_file(clock):
-    plan = {(1.0, 0): {"max_epochs": 10, "n_train": 100}, (0.5, 0): {"max_epochs": 10, "n_train": 50}}
+    plan = {(1.0, 1.0, 0): {"max_epochs": 10, "n_train": 100}, (0.5, 1.0, 0): {"max_epochs": 10, "n_train": 50}}
     out = io.StringIO()
     d = SweepDisplay(plan, "val_top1_error", stream=out, concurrency=1)
     t = trial(1.0, 0)
@@ -111,3 +111,18 @@ def test_a_retried_and_a_failed_trial_each_get_one_line_naming_their_error_file(
                      "from its last checkpoint; see /r/trial_a/error.txt",
                      "[2/2] FAILED fraction 0.5     seed 0   n_train      50: see /r/trial_b/error.txt"]
     assert d.bar._postfix.startswith("trials 1/2 done")  # the retried trial is not done
+
+
+def test_a_width_grid_names_width_and_parameters_in_each_line(clock):
+    plan = {(1.0, w, 0): {"max_epochs": 5, "n_train": 100, "num_params": p}
+            for w, p in ((0.25, 1_250_000), (0.5, 4_100_000))}
+    out = io.StringIO()
+    d = SweepDisplay(plan, "val_top1_error", stream=out, concurrency=1)
+    t = trial(1.0, 0, epoch=5, max_epochs=5, val_top1_error=0.4, test_top1_error=0.41)
+    t.config["width"] = 0.5
+    d.on_trial_start(0, [], t)
+    clock.now += 10
+    d.on_trial_complete(0, [], t)
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("[1/2] start  fraction 1       width 0.5   (4.10 M params) seed 0   n_train     100")
+    assert (1.0, 0.5, 0) in d.finished and d.bar._postfix == "trials 1/2 done, ETA 0:10"

@@ -232,11 +232,15 @@ def test_ctrl_c_right_after_a_checkpoint_then_resume_keeps_every_epoch_once(ray_
 def test_a_stopped_sweep_lists_grid_points_never_started():
     from raysweep.sweep.summary import complete_grid
 
-    done = [{"fraction": 1.0, "seed": 0, "status": "TERMINATED"},
-            {"fraction": 0.5, "seed": 0, "status": "UNFINISHED"}]
+    done = [{"fraction": 1.0, "width": 0.5, "seed": 0, "status": "TERMINATED"},
+            {"fraction": 0.5, "width": 0.5, "seed": 0, "status": "UNFINISHED"}]
     rows = complete_grid(done, [1.0, 0.5], [0, 1])
     assert [(r["fraction"], r["seed"], r["status"]) for r in rows] == [
         (1.0, 0, "TERMINATED"), (1.0, 1, "NOT_STARTED"), (0.5, 0, "UNFINISHED"), (0.5, 1, "NOT_STARTED")]
+    # A width grid: every (fraction, width, seed) point, ordered by fraction, width, seed.
+    rows = complete_grid(done, [1.0, 0.5], [0], widths=[0.25, 0.5])
+    assert [(r["fraction"], r["width"], r["status"]) for r in rows] == [
+        (1.0, 0.25, "NOT_STARTED"), (1.0, 0.5, "TERMINATED"), (0.5, 0.25, "NOT_STARTED"), (0.5, 0.5, "UNFINISHED")]
 
 
 @pytest.mark.slow

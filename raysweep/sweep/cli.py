@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "or a number: 1, 2, ... = one worker per GPU, 0.5 = two trials per GPU")
     p.add_argument("--fractions", type=float, nargs="+", metavar="F",
                    help="training fractions in (0, 1] (default: sweep.fractions of the config)")
+    p.add_argument("--widths", type=float, nargs="+", metavar="W",
+                   help="model widths (AlexNet's channel multiplier): the grid becomes fraction x width x seed "
+                        "(default: sweep.widths of the config, else model.width alone)")
     p.add_argument("--seeds", type=int, nargs="+", metavar="S",
                    help="seeds: subset, init, augmentation (default: sweep.seeds of the config)")
     p.add_argument("--epochs", type=int, metavar="N", help="epochs per trial; a cap when train.patience > 0 "
@@ -89,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _n_train_plan(cfg: Config, prepared) -> dict[tuple[float, int], dict]:
-    """(fraction, seed) -> training images and epoch cap, as the trials will compute them."""
+def _n_train_plan(cfg: Config, prepared, params: dict[float, int]) -> dict[tuple[float, float, int], dict]:
+    """(fraction, width, seed) -> training images, epoch cap and parameters, as the trials will
+    compute them. The subset depends on (fraction, seed) only: every width sees the same images."""
     from raysweep.data import stratified_subset
     from raysweep.trial.runner import epochs_for_budget
 
@@ -99,7 +103,9 @@ def _n_train_plan(cfg: Config, prepared) -> dict[tuple[float, int], dict]:
     for f in cfg.sweep.fractions:
         for s in cfg.sweep.seeds:
             n = len(stratified_subset(labels, f, s))
-            plan[(float(f), int(s))] = {"n_train": n, "max_epochs": epochs_for_budget(cfg.train, n, len(labels))}
+            for w in cfg.widths:
+                plan[(float(f), w, int(s))] = {"n_train": n, "num_params": params[w],
+                                               "max_epochs": epochs_for_budget(cfg.train, n, len(labels))}
     return plan
 
 
@@ -138,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             raise RaysweepError(f"--gpus-per-trial must be 'auto' or a number, got {gpt!r}") from None
     cfg = config_from_args(args, {
         "data.source": args.data, "sweep.fractions": args.fractions, "sweep.seeds": args.seeds,
+        "sweep.widths": args.widths,
         "train.epochs": args.epochs, "sweep.gpus_per_trial": gpt,
     })
     if args.num_gpus is not None and args.num_gpus < 0:
@@ -167,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
                                 gpus_per_trial_explicit=args.gpus_per_trial is not None)
     from raysweep.trial.model import model_info
 
-    model_info(cfg.model.name, cfg.model.width, 2, cfg.data.image_size, cfg.train.dropout)
+    for w in cfg.widths:
+        model_info(cfg.model.name, w, 2, cfg.data.image_size, cfg.train.dropout)
 
     quiet, verbose = args.quiet, args.verbose
     if verbose:
@@ -201,7 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     from raysweep.data import prepare_from_config
 
     prepared = prepare_from_config(cfg.data, progress=not quiet)
-    model = model_info(cfg.model.name, cfg.model.width, prepared.num_classes, prepared.image_size, cfg.train.dropout)
+    models = {w: model_info(cfg.model.name, w, prepared.num_classes, prepared.image_size, cfg.train.dropout)
+              for w in cfg.widths}
+    model = models[cfg.widths[0]]
+    if len(models) > 1:
+        model = {**model, "width": None, "model": f"{cfg.model.name} x {len(models)} widths",
+                 "widths": {str(w): m["num_params"] for w, m in models.items()}}
     if plan.use_gpu or not info["local"]:  # trials read the cache on the nodes that train
         from raysweep.cluster.preflight import check_cache_on_nodes
 
@@ -210,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         plan, gpu_setup["reserve_bytes"] = _gpu_shares(cfg, prepared, plan, info, report)
         if plan.auto and not quiet:
             print(f"GPU shares: {plan.describe()}")
-    grid = _n_train_plan(cfg, prepared)
+    grid = _n_train_plan(cfg, prepared, {w: m["num_params"] for w, m in models.items()})
     exp_dir.mkdir(parents=True, exist_ok=True)
     if not args.resume:
         atomic_write_json(exp_dir / CONFIG_FILE, cfg.to_dict())
@@ -221,16 +234,18 @@ def main(argv: list[str] | None = None) -> int:
                    resources={"cpus": info["cpus"], "gpus": info["gpus"], "plan": plan.describe(),
                               "address": args.address or "local"})
     if not quiet:
-        print(f"Model: {model['model']}, {model['num_params']:,} parameters, {prepared.image_size} px input, "
+        params = ", ".join(f"width {w:g}: {m['num_params']:,}" for w, m in models.items())
+        print(f"Model: {model['model']}, " + (f"{model['num_params']:,} parameters" if len(models) == 1 else
+                                               f"parameters by {params}") + f", {prepared.image_size} px input, "
               f"{prepared.num_classes} classes; data: " +
               ", ".join(f"{s} {n:,}" for s, n in prepared.counts.items()), flush=True)
 
     from raysweep.trial.metrics import select_metric
     from raysweep.sweep.display import SweepDisplay
 
-    done = finished_points(exp_dir) if args.resume else set()
+    done = finished_points(exp_dir, cfg.model.width) if args.resume else set()
     display = SweepDisplay(grid, select_metric(cfg.train.select_metric, prepared.num_classes), quiet=quiet,
-                           done=done, concurrency=plan.max_concurrent_trials)
+                           done=done, concurrency=plan.max_concurrent_trials, default_width=cfg.model.width)
     callbacks = [display]
     if args.mlflow:
         from raysweep.sweep.tracking import tune_callback
@@ -243,7 +258,10 @@ def main(argv: list[str] | None = None) -> int:
         manifest.finish(exp_dir, status=f"failed: {type(err).__name__}", trials={})
         raise
     display.bar.close()
-    rows = complete_grid(summarize(results), cfg.sweep.fractions, cfg.sweep.seeds)
+    rows = complete_grid(summarize(results, cfg.model.width), cfg.sweep.fractions, cfg.sweep.seeds, cfg.widths)
+    for r in rows:  # NOT_STARTED rows too: the parameters follow from the width
+        if r.get("num_params") is None:
+            r["num_params"] = grid.get((r["fraction"], r["width"], r["seed"]), {}).get("num_params")
     write_summary(exp_dir, rows)
     counts: dict[str, int] = {}
     for r in rows:
@@ -316,9 +334,10 @@ def _print_banner(info: dict, plan, cfg: Config, exp_dir: Path) -> None:
               "`ray get-auth-token`; the browser asks for it once)")
     elif info["dashboard_url"]:
         print(f"Joined the Ray cluster; its dashboard: {info['dashboard_url']}")
-    grid = len(cfg.sweep.fractions) * len(cfg.sweep.seeds)
+    grid = len(cfg.sweep.fractions) * len(cfg.widths) * len(cfg.sweep.seeds)
     stop = f", early stopping after {cfg.train.patience} epochs without a new best" if cfg.train.patience else ""
-    print(f"Sweep {exp_dir.name}: {len(cfg.sweep.fractions)} fractions x {len(cfg.sweep.seeds)} seeds = "
+    widths = f" x {len(cfg.widths)} widths" if len(cfg.widths) > 1 else ""
+    print(f"Sweep {exp_dir.name}: {len(cfg.sweep.fractions)} fractions{widths} x {len(cfg.sweep.seeds)} seeds = "
           f"{grid} trials, up to {cfg.train.epochs} epochs ({cfg.train.budget} budget{stop}) on {cfg.data.source}")
     print(f"Resources: {info['cpus']:g} CPUs, {info['gpus']:g} GPUs; {plan.describe()}")
     sys.stdout.flush()
@@ -353,6 +372,7 @@ def _fit(cfg: Config, prepared, plan, storage: Path, name: str, *, resume: bool,
     tuner = tune.Tuner(
         trainable,
         param_space={"fraction": tune.grid_search(list(cfg.sweep.fractions)),
+                     "width": tune.grid_search(cfg.widths),
                      "seed": tune.grid_search(list(cfg.sweep.seeds))},
         tune_config=tune.TuneConfig(max_concurrent_trials=plan.max_concurrent_trials,
                                     reuse_actors=True),

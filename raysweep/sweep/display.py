@@ -16,6 +16,7 @@ from typing import TextIO
 from ray.tune import Callback
 
 from raysweep.console import Progress, format_duration
+from raysweep.sweep.summary import point
 
 
 def _pct(x) -> str:
@@ -23,17 +24,20 @@ def _pct(x) -> str:
 
 
 class SweepDisplay(Callback):
-    """`plan` maps (fraction, seed) -> {"n_train": int, "max_epochs": int} for every grid point;
-    `metric` is the validation error shown (e.g. "val_top1_error"). `quiet` prints nothing."""
+    """`plan` maps (fraction, width, seed) -> {"n_train": int, "max_epochs": int, "num_params": int}
+    for every grid point; `metric` is the validation error shown (e.g. "val_top1_error"). `quiet`
+    prints nothing. Widths are named in each line when the grid has several."""
 
-    def __init__(self, plan: dict[tuple[float, int], dict], metric: str, *, quiet: bool = False,
-                 stream: TextIO | None = None, done: set | None = None, concurrency: int = 1):
-        self.plan, self.metric = plan, metric
+    def __init__(self, plan: dict[tuple[float, float, int], dict], metric: str, *, quiet: bool = False,
+                 stream: TextIO | None = None, done: set | None = None, concurrency: int = 1,
+                 default_width: float = 1.0):
+        self.plan, self.metric, self.default_width = plan, metric, default_width
+        self.several_widths = len({k[1] for k in plan}) > 1
         self.stream = stream or sys.stdout
         self.epochs: dict[str, set[int]] = {}
         self.concurrency = concurrency
         self.started: dict[tuple[float, int], float] = {}  # grid point -> time.monotonic() at start
-        self.durations: dict[float, list[float]] = {}  # fraction -> wall seconds of finished trials
+        self.durations: dict[tuple, list[float]] = {}  # (fraction, width) -> wall seconds of finished trials
         self.finished = set(done or ())  # grid points finished before a resume
         self.finished_before = len(self.finished)
         self.number: dict[str, int] = {}
@@ -51,13 +55,16 @@ class SweepDisplay(Callback):
         self.__init__({}, "val_top1_error", quiet=True)
 
     # --- what a trial is -------------------------------------------------------------
-    def _key(self, trial) -> tuple[float, int]:
-        return float(trial.config["fraction"]), int(trial.config["seed"])
+    def _key(self, trial) -> tuple[float, float, int]:
+        return point(trial.config, self.default_width)
 
     def _label(self, trial) -> str:
-        f, s = self._key(trial)
-        n = self.plan.get((f, s), {}).get("n_train")
-        return f"fraction {f:<7g} seed {s:<3d} n_train {n:>7,}" if n else f"fraction {f:g} seed {s}"
+        f, w, s = key = self._key(trial)
+        p = self.plan.get(key, {})
+        n, params = p.get("n_train"), p.get("num_params")
+        width = f"width {w:<5g} ({params / 1e6:.2f} M params) " if self.several_widths and params else \
+            f"width {w:g} " if self.several_widths else ""
+        return f"fraction {f:<7g} {width}seed {s:<3d} n_train {n:>7,}" if n else f"fraction {f:g} {width}seed {s}"
 
     def _tag(self, trial) -> str:
         if trial.trial_id not in self.number:
@@ -90,7 +97,7 @@ class SweepDisplay(Callback):
         key = self._key(trial)
         self.finished.add(key)
         if key in self.started:
-            self.durations.setdefault(key[0], []).append(time.monotonic() - self.started[key])
+            self.durations.setdefault(key[:2], []).append(time.monotonic() - self.started[key])
         r = trial.last_result or {}
         metric = r.get("select_metric", self.metric)
         test = metric.replace("val_", "test_")
@@ -131,7 +138,7 @@ class SweepDisplay(Callback):
             return
 
         def expected(key) -> float:
-            same = self.durations.get(key[0])
+            same = self.durations.get(key[:2])
             return sum(same) / len(same) if same else sum(done_any) / len(done_any)
 
         running = {key: now - t for key, t in self.started.items() if key not in self.finished}

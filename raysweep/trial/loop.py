@@ -108,6 +108,7 @@ def train_loop_per_worker(config: dict) -> None:
             if last:
                 row.update(_test(runner, splits["test"], best_weights, stop_rule, config, mc),
                            stopped_early=bool(stop and epoch < max_epochs), max_epochs=max_epochs,
+                           train_loss_slope=stop_rule.slope,
                            **_gpu_memory(device, config))
             row.update(time_report_s=outbox.report_s, checkpointed=save,
                        time_to_first_step_s=(runner.first_step_at or time.time()) - clock.attempt_start)

@@ -1,5 +1,14 @@
-"""When a trial stops (or, under the plateau schedule, lowers its learning rate): early
-stopping on the select metric, with patience counted in epochs and in optimizer steps.
+"""When a trial stops (or, under the plateau schedule, lowers its learning rate).
+
+A plateau is judged the same way for every subset size:
+- on the select metric smoothed as an exponential moving average (`train.val_smoothing`), so
+  the noise of a small validation split does not set the pace;
+- with patience counted in epochs and in optimizer steps: no new smoothed best for `patience`
+  epochs, nor for `patience` passes' worth of steps over the whole training split (a 1/16
+  subset's epoch is a handful of steps, too few to call it converged);
+- and never while the training loss still falls faster than `train.stop_loss_slope` nats per
+  pass over the whole split, measured over that same window: the largest subsets are not
+  stopped while they are still learning.
 
 Pure: it sees each epoch's metrics and the optimizer's step count, and knows nothing of torch
 or Ray. Its state travels in checkpoints (`state_dict`).
@@ -19,32 +28,49 @@ def rank_key(m: dict[str, float], metric: str) -> tuple[float, ...]:
 
 
 class StopRule:
-    """A plateau: no new best of the select metric for `patience` epochs (since the last lr drop
-    too), nor for as many optimizer steps as `patience` passes over the whole training split
-    take (`pass_steps`): a 1/16 subset's epoch is a handful of steps, too few to call it
-    converged. Under the plateau schedule a plateau lowers the lr, `plateau_drops` times;
-    otherwise, or after those, it ends the trial. patience 0: never stops early."""
-
-    KEYS = ("best_epoch", "best", "drops", "last_drop", "best_step", "drop_step")
+    """`improved` records an epoch and says whether it is the best so far (raw: the tested
+    checkpoint); `decide` says "go", "drop_lr" or "stop" (see the module's rule)."""
 
     def __init__(self, tc: TrainConfig, metric: str, pass_steps: int):
         self.tc, self.metric, self.pass_steps = tc, metric, max(1, int(pass_steps))
         self.best_epoch, self.best = 0, None
-        self.drops = self.last_drop = self.best_step = self.drop_step = 0
+        self.drops = self.last_drop = self.drop_step = 0
+        self.smooth, self.smooth_best, self.smooth_epoch, self.smooth_step = None, math.inf, 0, 0
+        self.losses: list[tuple[int, int, float]] = []  # (epoch, steps, train_loss) of the recent epochs
+        self.slope = math.nan  # the training loss's fall, nats per pass, over the last window
 
     def improved(self, epoch: int, metrics: dict, steps: int) -> bool:
-        """Record epoch's metrics; True if it is the best so far."""
+        value = metrics[self.metric]
+        if not math.isnan(value):
+            a = self.tc.val_smoothing
+            self.smooth = value if self.smooth is None else a * self.smooth + (1 - a) * value
+            if self.smooth < self.smooth_best:
+                self.smooth_best, self.smooth_epoch, self.smooth_step = self.smooth, epoch, steps
+        self.losses = [*self.losses, (epoch, steps, float(metrics["train_loss"]))][-(self.tc.patience + 1):]
+        self.slope = self._slope()
         if self.best is not None and not rank_key(metrics, self.metric) < rank_key(self.best, self.metric):
             return False
-        self.best_epoch, self.best_step = epoch, steps
+        self.best_epoch = epoch
         self.best = {k: metrics[k] for k in (self.metric, "val_top1_error", "val_top5_error", "val_loss")}
         return True
+
+    def _slope(self) -> float:
+        if len(self.losses) < 2:
+            return math.nan
+        (_, s0, l0), (_, s1, l1) = self.losses[0], self.losses[-1]
+        passes = (s1 - s0) / self.pass_steps
+        return (l0 - l1) / passes if passes > 0 else math.nan
+
+    def still_learning(self) -> bool:
+        """The training loss still falls faster than train.stop_loss_slope per pass."""
+        return self.tc.stop_loss_slope > 0 and not self.slope < self.tc.stop_loss_slope
 
     def decide(self, epoch: int, steps: int) -> str:
         """"go", "drop_lr" (the caller lowers it) or "stop", after `improved` for this epoch."""
         tc = self.tc
-        if not (tc.patience and epoch - max(self.best_epoch, self.last_drop) >= tc.patience
-                and steps - max(self.best_step, self.drop_step) >= tc.patience * self.pass_steps):
+        if not (tc.patience and epoch - max(self.smooth_epoch, self.last_drop) >= tc.patience
+                and steps - max(self.smooth_step, self.drop_step) >= tc.patience * self.pass_steps
+                and not self.still_learning()):
             return "go"
         if tc.schedule == "plateau" and self.drops < tc.plateau_drops:
             self.drops, self.last_drop, self.drop_step = self.drops + 1, epoch, steps
@@ -53,9 +79,16 @@ class StopRule:
 
     def state_dict(self) -> dict:
         return {"best_epoch": self.best_epoch, "best_metrics": self.best, "drops": self.drops,
-                "last_drop": self.last_drop, "best_step": self.best_step, "drop_step": self.drop_step}
+                "last_drop": self.last_drop, "drop_step": self.drop_step, "smooth": self.smooth,
+                "smooth_best": self.smooth_best, "smooth_epoch": self.smooth_epoch,
+                "smooth_step": self.smooth_step, "losses": self.losses}
 
     def load_state_dict(self, state: dict) -> None:
         self.best_epoch, self.best = state["best_epoch"], state["best_metrics"]
         self.drops, self.last_drop = state.get("drops", 0), state.get("last_drop", 0)
-        self.best_step, self.drop_step = state.get("best_step", 0), state.get("drop_step", 0)
+        self.drop_step = state.get("drop_step", 0)
+        self.smooth, self.smooth_best = state.get("smooth"), state.get("smooth_best", math.inf)
+        self.smooth_epoch = state.get("smooth_epoch", self.best_epoch)
+        self.smooth_step = state.get("smooth_step", state.get("best_step", 0))
+        self.losses = [tuple(x) for x in state.get("losses", [])]
+        self.slope = self._slope()
