@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help install test test-docker demo demo-width bench clean
+.PHONY: help install test test-docker demo demo-width bench clean kuberay-validate
 
 help:
 	@echo "make install      create $(VENV) and install raysweep (editable) with its test extras"
@@ -14,6 +14,7 @@ help:
 	@echo "make demo-width   the joint law over data and width: 24 trials on the same photos, then the analysis"
 	@echo "make bench        decode, training-loop and Ray-overhead benchmarks (ratios measured side by side)"
 	@echo "make test-docker  container tests through the Docker SDK (starts dockerd if it can)"
+	@echo "make kuberay-validate  the KubeRay manifests (deploy/kuberay/) against schemas from KubeRay's CRDs"
 	@echo "make docker-build | docker-run ARGS=... | docker-run-cpu | docker-down | docker-logs"
 	@echo "make docker-base-offline | docker-wheelhouse   what offline image builds use"
 
@@ -51,6 +52,13 @@ demo-width: install
 	ln -sfn $(DEMO_WIDTH_NAME) results/demo-width-latest
 	$(BIN)/python -m analysis.plot_scaling results/$(DEMO_WIDTH_NAME) $(DEMO_ANALYSIS)
 	@echo "Figures: results/$(DEMO_WIDTH_NAME)/analysis/joint.png, frontier.png; report: results/$(DEMO_WIDTH_NAME)/analysis/report.md"
+
+# Offline: the schemas are made from KubeRay's own CRDs (deploy/kuberay/schemas/README.md) and
+# refuse unknown fields, as the API server does. tests/test_kuberay.py runs these same lines.
+KUBERAY_SCHEMAS := deploy/kuberay/schemas
+kuberay-validate: install
+	$(BIN)/check-jsonschema --schemafile $(KUBERAY_SCHEMAS)/rayjob_v1.json deploy/kuberay/rayjob.yaml
+	$(BIN)/check-jsonschema --schemafile $(KUBERAY_SCHEMAS)/raycluster_v1.json deploy/kuberay/raycluster.yaml
 
 bench: install
 	$(BIN)/python -m raysweep.bench prepare
