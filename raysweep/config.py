@@ -86,10 +86,10 @@ class TrainConfig:
     # - the select metric smoothed as an exponential moving average, this weight on the past
     #   (0 = raw): a small validation split's epoch-to-epoch noise no longer sets the pace;
     # - and no stop (or lr drop) while the training loss still falls faster than this many nats
-    #   per pass over the whole training split (steps, so a 1/8 subset's 8 epochs count as one
-    #   pass): a large subset is not stopped while it is still learning. 0 = off.
+    #   per epoch over the last `patience` epochs: a large subset is not stopped while it is
+    #   still learning. 0 = off.
     val_smoothing: float = 0.5
-    stop_loss_slope: float = 0.05
+    stop_loss_slope: float = 0.02
     # The validation error that picks the tested checkpoint and drives early stopping.
     # "auto": val_top5_error with 50 or more classes, else val_top1_error (raysweep.trial.metrics).
     select_metric: Literal["auto", "val_top1_error", "val_top5_error", "val_loss"] = "auto"

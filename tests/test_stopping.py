@@ -39,7 +39,7 @@ def test_validation_noise_stops_the_raw_rule_early_and_the_smoothed_one_later():
 
 
 def test_no_stop_while_the_training_loss_still_falls_fast():
-    """A plateau of the validation error while the training loss falls 0.2 nats per pass: the
+    """A plateau of the validation error while the training loss falls 0.2 nats per epoch: the
     rule waits until the fall slows below stop_loss_slope (0.05), then stops."""
     val = [0.9 - 0.05 * e for e in range(6)] + [0.6] * 54  # best at epoch 7 (0.6), flat after
     loss = [2.0 - 0.2 * e for e in range(20)] + [-2.0 + 0.0 * e for e in range(40)]  # falling, then flat
@@ -54,25 +54,21 @@ def test_no_stop_while_the_training_loss_still_falls_fast():
     assert run(off, val, loss, 10) == ("stop", 10)  # without the guard: 3 epochs after the best
 
 
-def test_the_loss_slope_is_per_pass_over_the_whole_split_so_sizes_are_judged_alike():
-    """The same per-pass fall of the training loss on a full split (10 steps an epoch = 1 pass)
-    and a 1/8 subset (1.25 steps an epoch, ~8 epochs a pass) reads as the same slope."""
-    full = StopRule(TrainConfig(patience=4, stop_loss_slope=0.05), METRIC, pass_steps=10)
-    small = StopRule(TrainConfig(patience=32, stop_loss_slope=0.05), METRIC, pass_steps=10)
-    for e in range(1, 6):
-        full.improved(e, {METRIC: 0.5, "val_top1_error": .5, "val_top5_error": .5, "val_loss": 1, "train_loss": 2 - 0.1 * e}, 10 * e)
-    for e in range(1, 34):
-        steps = (10 * e) // 8
-        small.improved(e, {METRIC: 0.5, "val_top1_error": .5, "val_top5_error": .5, "val_loss": 1,
-                           "train_loss": 2 - 0.1 * steps / 10}, steps)
-    assert abs(full.slope - 0.1) < 1e-9
-    assert abs(small.slope - 0.1) < 1e-9  # exact: the loss is a function of steps
+def test_the_loss_slope_is_per_epoch_whatever_the_epochs_steps():
+    """The slope is the training loss's fall per epoch of the trial's own subset over the last
+    `patience` epochs, whether an epoch is 10 steps or 1."""
+    for steps_per_epoch in (10, 1):
+        rule = StopRule(TrainConfig(patience=4, stop_loss_slope=0.02), METRIC, pass_steps=10)
+        for e in range(1, 9):
+            rule.improved(e, {METRIC: 0.5, "val_top1_error": .5, "val_top5_error": .5, "val_loss": 1,
+                              "train_loss": 2 - 0.03 * e}, steps_per_epoch * e)
+        assert abs(rule.slope - 0.03) < 1e-9 and rule.still_learning()
 
 
 def test_the_rule_resumes_from_its_state():
     val = [0.6, 0.55, 0.5, 0.52, 0.51, 0.53, 0.54, 0.55, 0.56, 0.57]
     loss = [1.0] * 10
-    tc = TrainConfig(patience=3, val_smoothing=0.5, stop_loss_slope=0.05)
+    tc = TrainConfig(patience=3, val_smoothing=0.5, stop_loss_slope=0.02)
     whole = StopRule(tc, METRIC, pass_steps=5)
     expected = run(whole, val, loss, 5)
     first = StopRule(tc, METRIC, pass_steps=5)

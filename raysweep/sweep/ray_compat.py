@@ -58,6 +58,10 @@ ENV_DEFAULTS: tuple[EnvDefault, ...] = (
     EnvDefault("RAY_AIR_NEW_OUTPUT", "0", "driver",
                "console: Tune's classic output engine is silent at verbose=0; the new one prints a config box "
                "and a status table over raysweep's own display (--verbose keeps Ray's)", "no Tune tables", console=True),
+    EnvDefault("TUNE_WARN_THRESHOLD_S", "5", "driver",
+               "console: Tune warns in the console whenever one of its driver-side steps (a callback, a result) "
+               "takes over 0.5 s, which a busy 2-core machine reaches while trials train; its own step times "
+               "are not the user's problem", "no 'may be a performance bottleneck' WARNING lines", console=True),
     EnvDefault("RAY_worker_maximum_startup_concurrency", str(max(8, 4 * (os.cpu_count() or 1))), "driver",
                "console: each trial starts ~5 processes (Tune's actor, Train's controller and worker, Ray Data's "
                "readers); the raylet warns in the sweep's console once more than 4x its limit (one per CPU) "

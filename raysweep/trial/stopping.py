@@ -7,8 +7,8 @@ A plateau is judged the same way for every subset size:
   epochs, nor for `patience` passes' worth of steps over the whole training split (a 1/16
   subset's epoch is a handful of steps, too few to call it converged);
 - and never while the training loss still falls faster than `train.stop_loss_slope` nats per
-  pass over the whole split, measured over that same window: the largest subsets are not
-  stopped while they are still learning.
+  epoch, over the last `patience` epochs: a large subset is not stopped while it is still
+  learning (a small one reaches that point sooner, and its epochs are cheap).
 
 Pure: it sees each epoch's metrics and the optimizer's step count, and knows nothing of torch
 or Ray. Its state travels in checkpoints (`state_dict`).
@@ -37,7 +37,7 @@ class StopRule:
         self.drops = self.last_drop = self.drop_step = 0
         self.smooth, self.smooth_best, self.smooth_epoch, self.smooth_step = None, math.inf, 0, 0
         self.losses: list[tuple[int, int, float]] = []  # (epoch, steps, train_loss) of the recent epochs
-        self.slope = math.nan  # the training loss's fall, nats per pass, over the last window
+        self.slope = math.nan  # the training loss's fall, nats per epoch, over the last window
 
     def improved(self, epoch: int, metrics: dict, steps: int) -> bool:
         value = metrics[self.metric]
@@ -57,12 +57,11 @@ class StopRule:
     def _slope(self) -> float:
         if len(self.losses) < 2:
             return math.nan
-        (_, s0, l0), (_, s1, l1) = self.losses[0], self.losses[-1]
-        passes = (s1 - s0) / self.pass_steps
-        return (l0 - l1) / passes if passes > 0 else math.nan
+        (e0, _, l0), (e1, _, l1) = self.losses[0], self.losses[-1]
+        return (l0 - l1) / (e1 - e0) if e1 > e0 else math.nan
 
     def still_learning(self) -> bool:
-        """The training loss still falls faster than train.stop_loss_slope per pass."""
+        """The training loss still falls faster than train.stop_loss_slope per epoch."""
         return self.tc.stop_loss_slope > 0 and not self.slope < self.tc.stop_loss_slope
 
     def decide(self, epoch: int, steps: int) -> str:
