@@ -1,4 +1,4 @@
-"""The sweep: `python -m raysweep.tune`, a Ray Tune grid over training fraction x seed.
+"""The sweep: `python -m raysweep.tune`, a Ray Tune grid over training fraction x width x seed.
 
 Each trial is a function that builds and fits a Ray Train `TorchTrainer` (the Train V2
 pattern); metrics reach Tune from Train's controller through a file (`trainer.ForwardReports`). Results, checkpoints and
@@ -46,7 +46,7 @@ def _experiment_dir(cfg: Config, args) -> tuple[Path, str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m raysweep.tune",
-        description="Run a Ray Tune grid search over training fraction x seed. Each trial trains "
+        description="Run a Ray Tune grid search over training fraction x seed (x model width, with --widths). Each trial trains "
                     "a model from scratch (AlexNet by default) in a Ray Train TorchTrainer on a stratified "
                     "subset, reports train/val loss and top-1/top-5 error every epoch, and ends with the "
                     "test error of its best-validation checkpoint.",
