@@ -107,6 +107,8 @@ def build_trainer(cfg: Config, prepared, fraction: float, seed: int, *, use_gpu:
     if n_train < num_workers:
         raise RaysweepError(f"fraction {fraction:g} holds {n_train} training images: fewer than the "
                             f"{num_workers} workers of a trial")
+    if run_dir is None and run_config.storage_path and "://" not in str(run_config.storage_path):
+        run_dir = str(Path(run_config.storage_path) / run_config.name)  # where Train keeps this run
     model = asdict(cfg.model)
     if width is not None:
         model["width"] = float(width)
