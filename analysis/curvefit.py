@@ -177,6 +177,16 @@ class CurveBootstrap:
         return out
 
 
+def resamples(groups, n_boot: int, seed: int = 0):
+    """`n_boot` index arrays, each drawn with replacement within every group of equal labels
+    (so each group keeps its size: the seeds of one grid cell are resampled, never the cells)."""
+    groups = np.asarray(groups)
+    members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
+    rng = np.random.default_rng(seed)
+    for _ in range(n_boot):
+        yield np.concatenate([rng.choice(m, size=m.size, replace=True) for m in members])
+
+
 def bootstrap_curve(model: CurveModel | str, n, err, groups=None, n_boot: int = 1000, seed: int = 0,
                     level: float = LEVEL) -> CurveBootstrap:
     """Fit, then refit `n_boot` times on trials resampled with replacement within each group.
@@ -192,11 +202,8 @@ def bootstrap_curve(model: CurveModel | str, n, err, groups=None, n_boot: int = 
     groups = n if groups is None else np.asarray(groups).ravel()
     if groups.shape != n.shape:
         raise RaysweepError(f"bootstrap: {groups.size} group labels for {n.size} points")
-    members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
-    rng = np.random.default_rng(seed)
     rows, failed = [], 0
-    for _ in range(n_boot):
-        idx = np.concatenate([rng.choice(m, size=m.size, replace=True) for m in members])
+    for idx in resamples(groups, n_boot, seed):
         try:
             rows.append(fit_curve(model, n[idx], err[idx]).values)
         except RaysweepError:

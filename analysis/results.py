@@ -79,6 +79,9 @@ def load_experiment(path: str | Path) -> Experiment:
     except Exception as err:  # corrupt or foreign state file: name it, no traceback
         raise RaysweepError(f"cannot read Ray Tune experiment {path}: {type(err).__name__}: {err}") from err
 
+    stored = _read_json(path / CONFIG_FILE)
+    # A sweep over one width has no "width" param: every trial trained the config's model.width.
+    default_width = float(((stored or {}).get("model") or {}).get("width", 1.0))
     trial_rows, epoch_frames, unreadable = [], [], 0
     for trial in analysis.trials:
         config = trial.config or {}
@@ -88,11 +91,12 @@ def load_experiment(path: str | Path) -> Experiment:
                 f"trial {trial.trial_id} in {path} has no {', '.join(missing)} in its config: "
                 "not a raysweep sweep (its param space is fraction x seed)"
             )
-        epochs = _epoch_table(analysis.trial_dataframes.get(trial.trial_id), trial, config)
+        width = float(config.get("width", default_width))
+        epochs = _epoch_table(analysis.trial_dataframes.get(trial.trial_id), trial, config, width)
         if epochs.empty and trial.last_result:
             unreadable += 1
         epoch_frames.append(epochs)
-        trial_rows.append(_trial_row(trial, config, epochs))
+        trial_rows.append(_trial_row(trial, config, epochs, width))
     if unreadable:
         # Tune could not read those trials' result.json/progress.csv; the final result from
         # the experiment state still gives their trial rows, but they have no curves.
@@ -102,16 +106,16 @@ def load_experiment(path: str | Path) -> Experiment:
     trials = pd.DataFrame(trial_rows)
     if trials.empty:
         raise RaysweepError(f"experiment {path} holds no trials")
-    trials = trials.sort_values(["fraction", "seed"], ignore_index=True)
+    trials = trials.sort_values(["fraction", "width", "seed"], ignore_index=True)
     trials["best_epoch"] = trials["best_epoch"].astype("Int64")
     trials["learned"] = trials["learned"].astype("boolean")
     trials["excluded"] = [_exclusion(row) for row in trials.itertuples()]
     frames = [f for f in epoch_frames if not f.empty]
     epochs = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=["trial_id", "fraction", "seed", "n_train", "epoch", *EPOCH_METRICS, "time_total_s"])
-    epochs = epochs.sort_values(["fraction", "seed", "epoch"], ignore_index=True)
+        columns=["trial_id", "fraction", "width", "seed", "n_train", "epoch", *EPOCH_METRICS, "time_total_s"])
+    epochs = epochs.sort_values(["fraction", "width", "seed", "epoch"], ignore_index=True)
 
-    return Experiment(path=path, trials=trials, epochs=epochs, config=_read_json(path / CONFIG_FILE),
+    return Experiment(path=path, trials=trials, epochs=epochs, config=stored,
                       manifest=_read_json(path / MANIFEST_FILE))
 
 
@@ -122,7 +126,7 @@ def _read_json(path: Path) -> dict | None:
         raise RaysweepError(f"cannot read {path}: {err}") from err
 
 
-def _epoch_table(df: pd.DataFrame | None, trial, config: dict) -> pd.DataFrame:
+def _epoch_table(df: pd.DataFrame | None, trial, config: dict, width: float) -> pd.DataFrame:
     if df is None or df.empty or "epoch" not in df:
         return pd.DataFrame()
     cols = [c for c in ["epoch", *EPOCH_METRICS, *TIME_METRICS, "n_train", "time_total_s"] if c in df]
@@ -131,14 +135,16 @@ def _epoch_table(df: pd.DataFrame | None, trial, config: dict) -> pd.DataFrame:
     out = out.drop_duplicates("epoch", keep="last")
     out.insert(0, "trial_id", trial.trial_id)
     out.insert(1, "fraction", float(config["fraction"]))
-    out.insert(2, "seed", int(config["seed"]))
+    out.insert(2, "width", width)
+    out.insert(3, "seed", int(config["seed"]))
     out["epoch"] = out["epoch"].astype(int)
     return out.reset_index(drop=True)
 
 
-def _trial_row(trial, config: dict, epochs: pd.DataFrame) -> dict:
+def _trial_row(trial, config: dict, epochs: pd.DataFrame, width: float) -> dict:
     last = dict(trial.last_result or {})
-    row = {"trial_id": trial.trial_id, "fraction": float(config["fraction"]), "seed": int(config["seed"]),
+    row = {"trial_id": trial.trial_id, "fraction": float(config["fraction"]), "width": width,
+           "seed": int(config["seed"]),
            "status": str(trial.status), "n_train": last.get("n_train"),
            "epochs": int(epochs["epoch"].max()) if not epochs.empty else last.get("epoch"),
            "best_epoch": last.get("best_epoch"), "learned": last.get("learned")}
