@@ -127,3 +127,56 @@ def judge(used: pd.DataFrame, result: dict, config: dict | None = None) -> list[
             f"and {100 * CLEARLY_MIN_GAIN:g} point less); see the model comparison, or refit with "
             f"--model {score.name}")))
     return out
+
+
+# The joint law over n and model size (analysis.joint), on a grid of two or more widths.
+JOINT_MIN_WIDTHS = 3  # the width term has two parameters (b, beta): two widths give one difference
+JOINT_MIN_SIZES = 3  # sizes at every width, so each width's own curve is seen, not only its level
+JOINT_HOLDOUT_POINTS = HOLDOUT_POINTS  # mean held-out miss over a check's cells
+EXPONENT_CI_WIDTH = ALPHA_CI_WIDTH  # alpha's and beta's 95% CI at most as wide as the exponent
+
+
+def joint_checks() -> str:
+    return (f"joint law: fewer than {JOINT_MIN_WIDTHS} widths or {JOINT_MIN_SIZES} sizes at a width; a held-out "
+            f"mean miss over ±{100 * JOINT_HOLDOUT_POINTS:g} points; an exponent's 95% CI wider than the exponent; "
+            "a parameter at its bound")
+
+
+def judge_joint(joint: dict, used: pd.DataFrame) -> list[Finding]:
+    """The joint law's warnings (thresholds above); codes start with `joint_`."""
+    out: list[Finding] = []
+    fit, boot = joint.get("_fit"), joint.get("_boot")
+    if fit is None:
+        return [Finding("joint_no_fit", f"no joint law: {joint.get('no_fit_reason')}")]
+    widths = joint.get("widths") or []
+    if len(widths) < JOINT_MIN_WIDTHS:
+        out.append(Finding("joint_few_widths", (
+            f"{len(widths)} widths (threshold: at least {JOINT_MIN_WIDTHS}): the width term b·m^(-beta) has two "
+            "parameters and two widths give one difference, so b, beta and c trade off; add a width")))
+    per = used.groupby("width")["n_train"].nunique()
+    thin = per[per < JOINT_MIN_SIZES]
+    if len(thin):
+        where = ", ".join(f"width {w:g}: {k}" for w, k in thin.items())
+        out.append(Finding("joint_few_sizes", (
+            f"fewer than {JOINT_MIN_SIZES} training-set sizes at some widths ({where}): those widths pin "
+            "only the law's level, not its slope")))
+    for axis, what in (("n", "the largest n"), ("m", "the widest model")):
+        h = joint.get(f"_holdout_{axis}")
+        if h is not None and h.mean_abs_error > JOINT_HOLDOUT_POINTS:
+            out.append(Finding(f"joint_holdout_miss_{axis}", (
+                f"the joint law fitted without {what} misses it by {100 * h.mean_abs_error:.2f} points on "
+                f"average (worst {100 * h.max_abs_error:.2f}; threshold {100 * JOINT_HOLDOUT_POINTS:g} points): "
+                f"do not trust its predictions beyond {what} measured")))
+    if boot is not None:
+        for p, sym in (("alpha", "alpha"), ("beta", "beta")):
+            lo, hi = boot.interval(p)
+            value = getattr(fit, p)
+            if hi - lo > EXPONENT_CI_WIDTH * abs(value):
+                out.append(Finding(f"joint_wide_{p}_ci", (
+                    f"the joint law's {sym} has a 95% CI ({lo:.3f} – {hi:.3f}) wider than {sym} itself "
+                    f"({value:.3f}; threshold: a width of at most {sym}): the exponent is not determined")))
+    if fit.at_bound:
+        out.append(Finding("joint_at_bound", (
+            f"the joint fit left {', '.join(fit.at_bound)} on a bound (exponents within (0, 3], c below the "
+            "smallest error): the data do not determine those parameters")))
+    return out

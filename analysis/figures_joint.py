@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib import patheffects
 from matplotlib.colors import LogNorm
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
@@ -89,7 +90,10 @@ def plot_joint(joint: dict, used: pd.DataFrame, metric: str, title: str):
     ax.set_xlabel("Training images, n (log scale)")
     ax.set_ylabel(f"{label(metric)} (log scale)")
     ax.set_title(f"{title}: {label(metric).lower()} by training-set size and width", loc="left")
-    ax.legend(loc="lower left", fontsize=8.5, frameon=True, framealpha=0.9)
+    handles, labels = ax.get_legend_handles_labels()
+    order = sorted(range(len(labels)), key=lambda j: (not labels[j].startswith("width"), j))  # measured first
+    ax.legend([handles[j] for j in order], [labels[j] for j in order], loc="lower left", fontsize=8.5,
+              frameon=True, framealpha=0.9)
     if fit is not None:
         ax.text(0.0, -0.16, _law_text(joint), transform=ax.transAxes, va="top", fontsize=9.5)
     _plot_holdouts(bx, joint, colors)
@@ -134,7 +138,8 @@ def _plot_holdouts(ax, joint: dict, colors: dict) -> None:
     ax.set_xlabel("Measured (mean over seeds)")
     ax.set_ylabel("Predicted by the law fitted without it")
     ax.set_title("Held-out checks", loc="left")
-    ax.legend(loc="upper left", fontsize=8.5, frameon=True, framealpha=0.9)
+    # Below the axes: the held-out cells sit along the diagonal, wherever a legend inside would go.
+    ax.legend(loc="upper left", bbox_to_anchor=(0.0, -0.16), fontsize=8.5, frameon=False, borderaxespad=0)
 
 
 def plot_frontier(joint: dict, metric: str, title: str):
@@ -155,13 +160,18 @@ def plot_frontier(joint: dict, metric: str, title: str):
     E = fit.predict(N, M)
     norm = LogNorm(vmin=max(min(E.min(), cells["mean"].min()), 1e-3), vmax=max(E.max(), cells["mean"].max()))
     cmap = sns.color_palette("rocket_r", as_cmap=True)
-    ax.contourf(N, M, E, levels=np.geomspace(norm.vmin, norm.vmax, 14), cmap=cmap, norm=norm, alpha=0.55)
-    lines = ax.contour(N, M, E, levels=_nice_levels(norm.vmin, norm.vmax), colors="0.25", linewidths=0.6)
-    ax.clabel(lines, fmt=_pct, fontsize=8)
-    sc = ax.scatter(cells["n_train"], cells["num_params"], c=cells["mean"], cmap=cmap, norm=norm, s=70,
-                    edgecolor="white", lw=0.8, zorder=4, label="grid cell (colour: measured mean error)")
-    ax.scatter(best["n_train"], best["num_params"], marker="*", s=260, facecolor="none", edgecolor="black",
-               lw=1.3, zorder=5, label="best width on the grid at that n")
+    # Opaque, so a dot's colour can be read against the map around it: where they match, the law fits.
+    ax.contourf(N, M, E, levels=np.geomspace(norm.vmin, norm.vmax, 24), cmap=cmap, norm=norm, zorder=0)
+    levels = _nice_levels(norm.vmin, norm.vmax)
+    # Each contour in black on the light part of the map, in white on the dark part.
+    ink = ["black" if np.dot(cmap(norm(v))[:3], [0.299, 0.587, 0.114]) > 0.5 else "white" for v in levels]
+    lines = ax.contour(N, M, E, levels=levels, colors=ink, linewidths=0.7, alpha=0.8, zorder=1)
+    ax.clabel(lines, fmt=_pct, fontsize=8.5)
+    ax.grid(False)  # the contours are the grid here
+    sc = ax.scatter(cells["n_train"], cells["num_params"], c=cells["mean"], cmap=cmap, norm=norm, s=75,
+                    edgecolor="white", lw=1.0, zorder=4, label="grid cell, coloured by its measured mean error\n(it vanishes into the map where the law fits)")
+    ax.scatter(best["n_train"], best["num_params"], marker="*", s=300, facecolor="none", edgecolor="black",
+               lw=1.3, zorder=5, label="best width on the grid at that n (least measured error, at any cost)")
     inside = n_grid <= max(sizes) * 1.0001
     m_star = np.atleast_1d(frontier(fit.values, n_grid))
     if boot is not None:
@@ -169,10 +179,12 @@ def plot_frontier(joint: dict, metric: str, title: str):
         ax.fill_between(n_grid, lo, hi, color="tab:blue", alpha=0.15, lw=0, zorder=2,
                         label=f"95% bootstrap band ({boot.n_ok} resamples of seeds)")
     fe = fit.alpha / fit.beta
-    ax.plot(n_grid[inside], m_star[inside], color="tab:blue", lw=2.2, zorder=3,
-            label=rf"law's compute-optimal $m^*(n) \propto n^{{{fe:.2f}}}$ (at fixed compute $C \propto m\,n$)")
-    ax.plot(n_grid[~inside], m_star[~inside], color="tab:blue", lw=2.2, ls="--", zorder=3,
-            label="beyond the grid (extrapolated)")
+    stroke = [patheffects.withStroke(linewidth=4.5, foreground="white")]  # readable on dark and light map
+    ax.plot(n_grid[inside], m_star[inside], color="tab:blue", lw=2.4, zorder=3, path_effects=stroke,
+            label=rf"the law's compute-optimal $m^*(n) \propto n^{{{fe:.2f}}}$ (least error at fixed compute "
+                  r"$C \propto m\,n$)")
+    ax.plot(n_grid[~inside], m_star[~inside], color="tab:blue", lw=2.4, ls="--", zorder=3, path_effects=stroke,
+            label="the same beyond the grid's largest n (extrapolated)")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlim(n_grid[0], n_grid[-1])
@@ -182,7 +194,10 @@ def plot_frontier(joint: dict, metric: str, title: str):
     ax.set_xlabel("Training images, n (log scale)")
     ax.set_ylabel("Model parameters, m (log scale)")
     ax.set_title(f"{title}: which model size pays off at each data size", loc="left")
-    cbar = fig.colorbar(sc, ax=ax, pad=0.02, format=FuncFormatter(_pct))
+    cbar = fig.colorbar(sc, ax=ax, pad=0.02)
+    cbar.set_ticks(_nice_levels(norm.vmin, norm.vmax))
+    cbar.ax.yaxis.set_major_formatter(FuncFormatter(_pct))
+    cbar.ax.yaxis.set_minor_locator(NullLocator())
     cbar.set_label(f"{label(metric)} (the law's map; dots: measured)")
     ax.legend(loc="upper left", bbox_to_anchor=(0.0, -0.13), fontsize=8.5, frameon=False, borderaxespad=0)
     fig.tight_layout()

@@ -1,4 +1,5 @@
-"""CLI: one sweep's scaling law: scaling.png/.svg, curves.png, summary.csv, fit.json, report.md.
+"""CLI: one sweep's scaling law: scaling.png/.svg, curves.png, summary.csv, fit.json, report.md;
+with two or more widths in the grid, also the joint law over data and model size: joint.png, frontier.png.
 
     python -m analysis.plot_scaling EXPERIMENT_DIR [--out DIR] [--metric auto] [--model pow3]
 
@@ -21,6 +22,7 @@ from raysweep.errors import RaysweepError, cli_entry
 
 METRICS = ["auto", "test_top5_error", "test_top1_error", "val_top5_error", "val_top1_error"]
 OUTPUTS = ["scaling.png", "scaling.svg", "curves.png", "summary.csv", "fit.json", "report.md"]
+JOINT_OUTPUTS = ["joint.png", "frontier.png"]
 
 
 def analyse(used, metric: str, targets: list[float], n_boot: int, seed: int = 0, model: str = "pow3") -> dict:
@@ -87,6 +89,37 @@ def _val_metric(exp, metric: str) -> str:
     return twin if twin in exp.epochs else "val_top5_error"
 
 
+def _one_width(exp, used, widths: list[float]):
+    """The experiment and used trials the one-axis analysis reads: all of them on a one-width grid;
+    on a wider grid the widest model's (pooling widths at one n would mix models, not seeds)."""
+    if len(widths) < 2:
+        return exp, used, None
+    from dataclasses import replace
+
+    from analysis.widths import widths_of
+
+    widest = max(widths_of(used) or widths)
+    trials = exp.trials[exp.trials["width"] == widest].reset_index(drop=True)
+    epochs = exp.epochs[exp.epochs["trial_id"].isin(trials["trial_id"])].reset_index(drop=True)
+    return replace(exp, trials=trials, epochs=epochs), used[used["width"] == widest].reset_index(drop=True), widest
+
+
+def _joint(exp, used, metric: str, args) -> dict:
+    """The joint law of a grid with >= 2 widths, with the envelope unless asked not to or the
+    number of classes (and so the random-guess error) is not known."""
+    from analysis import joint as J
+    from analysis.widths import analyse_joint
+
+    classes = exp.trial_value("num_classes")
+    eps0 = None if args.no_envelope or classes is None else J.random_guess_error(metric, int(classes))
+    joint = analyse_joint(used, metric, args.bootstrap, eps0=eps0)
+    joint["envelope_rule"] = ("off (--no-envelope)" if args.no_envelope else
+                              "off: the trials do not report their number of classes" if classes is None else
+                              f"on: eps0 = 1 - k/C = {eps0:.3f} (top-{5 if 'top5' in metric else 1} of "
+                              f"{int(classes)} classes)")
+    return joint
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m analysis.plot_scaling", description=__doc__.splitlines()[0],
                                 formatter_class=HelpFormatter)
@@ -100,6 +133,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--target-error", type=float, nargs="+", default=[], metavar="X",
                    help="report the training-set size needed to reach these errors (fractions, e.g. 0.2)")
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples (0: none)")
+    p.add_argument("--no-envelope", action="store_true",
+                   help="fit the joint law (a grid with >= 2 widths) without Rosenfeld et al.'s envelope toward "
+                        "the random-guess error")
     p.add_argument("--mlflow", metavar="URI", help="also log the figures and fit.json to this MLflow store, "
                                                    "as a parent run of the sweep's trial runs")
     return p.parse_args(argv)
@@ -141,23 +177,41 @@ def main(argv=None) -> int:
     left_out = exp.trials.loc[~exp.trials["trial_id"].isin(used["trial_id"]), "excluded"].value_counts().to_dict()
     counts = f"{len(exp.trials)} trials, {len(used)} used in the fit" + (
         "; left out: " + ", ".join(f"{v} {k}" for k, v in left_out.items()) if left_out else "") + "."
-    result = analyse(used, metric, args.target_error, args.bootstrap, model=args.model)
+    from analysis.widths import widths_of
+
+    widths = widths_of(exp.trials)
+    one_exp, one, widest = _one_width(exp, used, widths)
+    result = analyse(one, metric, args.target_error, args.bootstrap, model=args.model)
     result["metric_rule"] = rule
-    found = evidence.judge(used, result, exp.config)
+    if widest is not None:
+        result["width"] = widest  # the one-axis law is of this width's trials; one width: of every trial
+    found = evidence.judge(one, result, exp.config)
+    joint = _joint(exp, used, metric, args) if widest is not None else None
+    if joint is not None:
+        found += evidence.judge_joint(joint, used)
     time_table, time_reason = timing.time_table(exp.epochs)
-    summary = R.per_fraction_summary(used, exp.trials)
+    summary = R.per_fraction_summary(one, one_exp.trials)
     table = T.display_table(summary)
 
     from analysis import figures
 
-    figures.draw_all(exp, used, metric, result, args.include_unlearned, _val_metric(exp, metric), out)
+    figures.draw_all(one_exp, one, metric, result, args.include_unlearned, _val_metric(exp, metric), out)
+    outputs = OUTPUTS
+    if joint is not None:
+        from analysis import figures_joint
+
+        figures_joint.draw_joint(joint, used, metric, exp.name, out)
+        outputs = OUTPUTS + [f for f in JOINT_OUTPUTS if (out / f).exists()]
     atomic_write_text(out / "summary.csv", summary.to_csv(index=False))
     doc = {"experiment": str(exp.path), "name": exp.name, "trials": len(exp.trials), "trials_used": len(used),
            "left_out": left_out, "include_unlearned": args.include_unlearned, **result,
-           "warnings": [w.to_dict() for w in found], "trained_model": T.trained_model(exp),
+           "warnings": [w.to_dict() for w in found], "trained_model": T.trained_model(one_exp),
            "time": None if time_table is None else time_table.to_dict(orient="records"), "time_reason": time_reason}
+    if joint is not None:
+        doc["joint"] = joint
     atomic_write_text(out / "fit.json", json.dumps(_plain(doc), indent=2, allow_nan=False) + "\n")
-    atomic_write_text(out / "report.md", T.report_text(exp, result, table, counts, found, time_table, time_reason))
+    atomic_write_text(out / "report.md", T.report_text(one_exp, result, table, counts, found, time_table, time_reason,
+                                                       joint=joint))
 
     for w in found:
         print(f"raysweep: warning: {w.code}: {w.message}", file=sys.stderr)
@@ -170,11 +224,19 @@ def main(argv=None) -> int:
         print(f"alpha = {fit.alpha:.3f} (95% CI {lo:.3f} – {hi:.3f}), c = {fit.c:.4f}")
     for s in result.get("_targets", []):
         print(s.describe())
-    print(f"wrote {out}/: {', '.join(OUTPUTS)}")
+    if joint is not None:
+        jf = joint.get("_fit")
+        print(f"joint law ({metric}, {len(joint['widths'])} widths): "
+              + (jf.formula() if jf else f"no fit: {joint['no_fit_reason']}"))
+        for axis, what in (("n", "without the largest n"), ("m", "without the widest model")):
+            h = joint.get(f"_holdout_{axis}")
+            print(f"  held-out {what}: " + (f"mean miss {100 * h.mean_abs_error:.2f} points" if h else
+                                            f"not done: {joint[f'holdout_{axis}_reason']}"))
+    print(f"wrote {out}/: {', '.join(outputs)}")
     if args.mlflow:
         from raysweep.sweep import tracking
 
-        run_id = tracking.log_analysis(args.mlflow, exp.path.name, [out / f for f in OUTPUTS], result)
+        run_id = tracking.log_analysis(args.mlflow, exp.path.name, [out / f for f in outputs], result)
         print(f"logged to MLflow {args.mlflow}: experiment {exp.path.name!r}, run {run_id}")
     return 0
 

@@ -63,9 +63,10 @@ def _model_line(model: dict) -> str:
     return f"Model: `{model['name']}`, {count}."
 
 
-def _warnings_section(warnings: list) -> list[str]:
+def _warnings_section(warnings: list, joint: bool = False) -> list[str]:
     if not warnings:
-        return [f"**No warnings.** Checked: {evidence.checks()}.", ""]
+        return [f"**No warnings.** Checked: {evidence.checks()}{'; ' + evidence.joint_checks() if joint else ''}.",
+                ""]
     return [f"> **{len(warnings)} warning{'s' if len(warnings) > 1 else ''}: read these before the numbers.**",
             ">"] + [f"> - **{w.code}**: {w.message}" for w in warnings] + [""]
 
@@ -135,6 +136,108 @@ def _comparison_section(result: dict) -> list[str]:
     return lines
 
 
+def _ci(iv: dict | None, p: str, fmt: str) -> str:
+    return f" (95% CI {fmt.format(iv[p + '_ci'][0])} – {fmt.format(iv[p + '_ci'][1])})" if iv else ""
+
+
+def _joint_law(joint: dict) -> list[str]:
+    fit, iv = joint["_fit"], joint.get("intervals")
+    lines = [f"`{fit.formula()}`", "",
+             f"n = training images, m = model parameters; {fit.n_points} trials in {fit.n_cells} cells "
+             f"({fit.n_sizes} sizes × {fit.n_models} widths). The form is Rosenfeld et al. 2020's, fitted as they "
+             "fit it: least squares on the relative deviation (predicted − measured) / measured. Envelope "
+             f"toward the random-guess error: {joint['envelope_rule']}.", ""]
+    for p, fmt in (("a", "{:.4g}"), ("alpha", "{:.3f}"), ("b", "{:.4g}"), ("beta", "{:.3f}"), ("c", "{:.4f}")):
+        lines.append(f"- {p} = {fmt.format(getattr(fit, p))}{_ci(iv, p, fmt)}")
+    if fit.envelope:
+        lines.append(f"- eta = eps0/a = {fit.eta:.4f}{_ci(iv, 'eta', '{:.4f}')} (the paper's eta, with its a = 1; "
+                     "u is the power-law region, in error units, that the envelope joins to eps0)")
+    lines.append(f"- fit quality: RMS relative deviation {100 * fit.rmse_rel:.2f}%, RMSE {100 * fit.rmse:.2f} points")
+    if iv:
+        lines.append(f"- intervals: percentile bootstrap, {iv['n_boot']} resamples of the seeds within each "
+                     f"(n, width) cell ({iv['n_failed']} resamples with no fit)")
+    return lines
+
+
+def _joint_holdouts(joint: dict) -> list[str]:
+    by_m = {v: float(k) for k, v in joint.get("num_params", {}).items()}
+    rows, notes = [], []
+    for axis, what in (("n", "without the largest n"), ("m", "without the widest model")):
+        h = joint.get(f"_holdout_{axis}")
+        if h is None:
+            notes.append(f"- {what}: not done: {joint.get(f'holdout_{axis}_reason')}")
+            continue
+        notes.append(f"- {what}: mean miss **{100 * h.mean_abs_error:.2f} points** (worst "
+                     f"{100 * h.max_abs_error:.2f}) over {len(h.cells)} cells; fitted law `{h.fit.formula()}`")
+        for (n, m), obs, pred in zip(h.cells, h.observed_each, h.predicted_each):
+            rows.append({"check": what, "n_train": f"{n:,.0f}", "width": f"{by_m.get(int(m), float('nan')):g}",
+                         "parameters": f"{m:,.0f}", "measured (%)": f"{100 * obs:.2f}",
+                         "predicted (%)": f"{100 * pred:.2f}", "miss (points)": f"{100 * (pred - obs):+.2f}"})
+    lines = ["Each check fits the law without one edge of the grid and predicts it, judged as the one-axis "
+             "curves are: the mean |predicted − measured mean| over the held-out cells, in points of error.", ""]
+    return lines + notes + ([""] + [md_table(pd.DataFrame(rows))] if rows else [])
+
+
+def _joint_grid(joint: dict) -> list[str]:
+    cells, best = joint["_cells"], joint["_best"]
+    table = cells.pivot(index="n_train", columns="width", values="mean")
+    winner = dict(zip(best["n_train"], best["best_width"]))
+    rows = []
+    for n, values in table.iterrows():
+        row = {"n_train": f"{int(n):,}"}
+        for w, v in values.items():
+            text = "–" if pd.isna(v) else f"{100 * v:.2f}"
+            row[f"width {w:g} (%)"] = f"**{text}**" if winner.get(int(n)) == w else text
+        b = best[best["n_train"] == int(n)]
+        row["best width"] = "–" if b.empty else f"{b['best_width'].iloc[0]:g}" + (
+            f" (by {100 * b['gap'].iloc[0]:.2f} points)" if pd.notna(b["gap"].iloc[0]) else "")
+        rows.append(row)
+    return ["Mean error over seeds; bold: the best width at that n (the runner-up's gap beside it).", "",
+            md_table(pd.DataFrame(rows))]
+
+
+def _joint_per_width(joint: dict) -> list[str]:
+    rows = []
+    for r in joint.get("per_width", []):
+        fit, iv = r["fit"], r["intervals"]
+        rows.append({"width": f"{r['width']:g}", "parameters": f"{r['num_params']:,}",
+                     "law (pow3)": f"`{fit['formula']}`" if fit else f"no fit: {r['reason']}",
+                     "alpha": f"{fit['alpha']:.3f}" + (f" [{iv['alpha_ci'][0]:.3f}, {iv['alpha_ci'][1]:.3f}]"
+                                                       if iv else "") if fit else "–",
+                     "c": f"{fit['c']:.4f}" if fit else "–", "RMSE (log)": f"{fit['rmse_log']:.4f}" if fit else "–"})
+    return ["Each width fitted on its own, err(n) = a·n^(-alpha) + c, 95% bootstrap CI of alpha in brackets. "
+            "The joint law shares one alpha across widths; these show whether the widths agree.", "",
+            md_table(pd.DataFrame(rows))]
+
+
+def _joint_frontier(joint: dict) -> list[str]:
+    fit, iv = joint["_fit"], joint.get("intervals")
+    rows = [{"n_train": f"{r['n_train']:,.0f} ({r['times_largest']}× the largest)",
+             "m* (parameters)": f"{r['num_params']:,.0f}" + (
+                 f" [{r['interval'][0]:,.0f}, {r['interval'][1]:,.0f}]" if r["interval"] else ""),
+             "width ≈": f"{r['width']:.3g}", "law's error there (%)": f"{100 * r['error']:.2f}"}
+            for r in joint["frontier"]]
+    return [f"Rule: the {joint['frontier_rule']}. Each epoch costs about parameters × images, so at a fixed "
+            f"compute the law's error is least there. Its exponent alpha/beta = {fit.alpha / fit.beta:.2f}"
+            f"{_ci(iv, 'frontier_exponent', '{:.2f}')}: the compute-optimal model grows as "
+            f"n^{fit.alpha / fit.beta:.2f}. Width ≈ reads m* through the grid's parameters-against-width line, "
+            "in brackets the 95% bootstrap interval of m*. Beyond the largest n measured, these are extrapolations.",
+            "", md_table(pd.DataFrame(rows)), "", "![The compute frontier](frontier.png)"]
+
+
+def joint_section(joint: dict) -> list[str]:
+    """The joint law over data and model size, for a grid of two or more widths."""
+    lines = ["## The joint law over data and model size", ""]
+    if joint.get("_fit") is None:
+        return lines + [f"No joint law: {joint['no_fit_reason']}", ""]
+    lines += _joint_law(joint) + ["", "![Error by training-set size and width](joint.png)", "",
+                                  "### Held-out checks", ""] + _joint_holdouts(joint)
+    lines += ["", "### Every cell of the grid", ""] + _joint_grid(joint)
+    lines += ["", "### Each width's own law", ""] + _joint_per_width(joint)
+    lines += ["", "### Which model size pays off", ""] + _joint_frontier(joint) + [""]
+    return lines
+
+
 def _time_section(time_table: pd.DataFrame | None, reason: str | None) -> list[str]:
     if time_table is None:
         return [f"Not shown: {reason}."]
@@ -177,13 +280,17 @@ def _reproduce_section(exp: R.Experiment) -> list[str]:
 
 
 def report_text(exp: R.Experiment, result: dict, table: pd.DataFrame, counts: str, warnings: list,
-                time_table: pd.DataFrame | None, time_reason: str | None) -> str:
+                time_table: pd.DataFrame | None, time_reason: str | None, joint: dict | None = None) -> str:
     desc = (exp.config or {}).get("description") or ""
     lines = [f"# Scaling report: {exp.name}", ""] + ([desc, ""] if desc else [])
-    lines += _warnings_section(warnings)
+    lines += _warnings_section(warnings, joint is not None)
     lines += [f"Experiment `{exp.path}`. {_model_line(trained_model(exp))}", "",
-              f"Fitted metric: {result['metric_rule']}. {counts}", "",
-              "![Error against training-set size](scaling.png)", "", "## The law", ""]
+              f"Fitted metric: {result['metric_rule']}. {counts}", ""]
+    if joint is not None:
+        lines += joint_section(joint) + [
+            f"The one-axis sections below are the widest model's (width {result['width']:g}); the joint law "
+            "above covers every width.", ""]
+    lines += ["![Error against training-set size](scaling.png)", "", "## The law", ""]
     lines += _law_section(result)
     lines += ["", "## Held-out check", ""] + _holdout_section(result)
     lines += ["", "## Curve models compared", ""] + _comparison_section(result)

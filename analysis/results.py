@@ -80,8 +80,6 @@ def load_experiment(path: str | Path) -> Experiment:
         raise RaysweepError(f"cannot read Ray Tune experiment {path}: {type(err).__name__}: {err}") from err
 
     stored = _read_json(path / CONFIG_FILE)
-    # A sweep over one width has no "width" param: every trial trained the config's model.width.
-    default_width = float(((stored or {}).get("model") or {}).get("width", 1.0))
     trial_rows, epoch_frames, unreadable = [], [], 0
     for trial in analysis.trials:
         config = trial.config or {}
@@ -91,7 +89,7 @@ def load_experiment(path: str | Path) -> Experiment:
                 f"trial {trial.trial_id} in {path} has no {', '.join(missing)} in its config: "
                 "not a raysweep sweep (its param space is fraction x seed)"
             )
-        width = float(config.get("width", default_width))
+        width = trial_width(config, stored)
         epochs = _epoch_table(analysis.trial_dataframes.get(trial.trial_id), trial, config, width)
         if epochs.empty and trial.last_result:
             unreadable += 1
@@ -117,6 +115,14 @@ def load_experiment(path: str | Path) -> Experiment:
 
     return Experiment(path=path, trials=trials, epochs=epochs, config=stored,
                       manifest=_read_json(path / MANIFEST_FILE))
+
+
+def trial_width(params: dict, stored: dict | None) -> float:
+    """The `model.width` a trial trained: its Tune param "width" on a grid over widths; a sweep over
+    one width has none, so the stored config's model.width (1.0, torchvision's AlexNet, if unset)."""
+    if "width" in params:
+        return float(params["width"])
+    return float(((stored or {}).get("model") or {}).get("width", 1.0))
 
 
 def _read_json(path: Path) -> dict | None:
