@@ -169,15 +169,12 @@ def plot_frontier(joint: dict, metric: str, title: str):
     ax.clabel(lines, fmt=_pct, fontsize=8.5)
     ax.grid(False)  # the contours are the grid here
     sc = ax.scatter(cells["n_train"], cells["num_params"], c=cells["mean"], cmap=cmap, norm=norm, s=75,
-                    edgecolor="white", lw=1.0, zorder=4, label="grid cell, coloured by its measured mean error\n(it vanishes into the map where the law fits)")
+                    edgecolor="white", lw=1.0, zorder=4,
+                    label="grid cell, coloured by its measured mean error\n(it vanishes into the map where the law fits)")
     ax.scatter(best["n_train"], best["num_params"], marker="*", s=300, facecolor="none", edgecolor="black",
                lw=1.3, zorder=5, label="best width on the grid at that n (least measured error, at any cost)")
     inside = n_grid <= max(sizes) * 1.0001
     m_star = np.atleast_1d(frontier(fit.values, n_grid))
-    if boot is not None:
-        lo, hi = boot.frontier_interval(n_grid)
-        ax.fill_between(n_grid, lo, hi, color="tab:blue", alpha=0.15, lw=0, zorder=2,
-                        label=f"95% bootstrap band ({boot.n_ok} resamples of seeds)")
     fe = fit.alpha / fit.beta
     stroke = [patheffects.withStroke(linewidth=4.5, foreground="white")]  # readable on dark and light map
     ax.plot(n_grid[inside], m_star[inside], color="tab:blue", lw=2.4, zorder=3, path_effects=stroke,
@@ -185,10 +182,19 @@ def plot_frontier(joint: dict, metric: str, title: str):
                   r"$C \propto m\,n$)")
     ax.plot(n_grid[~inside], m_star[~inside], color="tab:blue", lw=2.4, ls="--", zorder=3, path_effects=stroke,
             label="the same beyond the grid's largest n (extrapolated)")
+    if boot is not None:
+        lo, hi = boot.frontier_interval(n_grid)
+        # Its edges only: a filled band as wide as a weak grid gives would grey out the map beneath.
+        ax.plot(n_grid, lo, color="tab:blue", lw=1.0, ls=(0, (1, 1.5)), zorder=3,
+                label=f"its 95% bootstrap band ({boot.n_ok} resamples of seeds)")
+        ax.plot(n_grid, hi, color="tab:blue", lw=1.0, ls=(0, (1, 1.5)), zorder=3)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlim(n_grid[0], n_grid[-1])
     ax.set_ylim(m_lo, m_hi)
+    # The grid's own sizes, then the frontier table's farthest n (10x the largest).
+    ax.xaxis.set_major_locator(FixedLocator([*sizes, n_hi]))
+    ax.xaxis.set_minor_locator(NullLocator())
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}"))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: _count(y)))
     ax.set_xlabel("Training images, n (log scale)")
