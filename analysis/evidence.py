@@ -137,7 +137,8 @@ EXPONENT_CI_WIDTH = ALPHA_CI_WIDTH  # alpha's and beta's 95% CI at most as wide 
 
 
 def joint_checks() -> str:
-    return (f"joint law: fewer than {JOINT_MIN_WIDTHS} widths or {JOINT_MIN_SIZES} sizes at a width; a held-out "
+    return (f"joint law: fewer than {JOINT_MIN_WIDTHS} widths, {JOINT_MIN_SIZES} sizes at a width or "
+            f"{MIN_SEEDS} seeds in a cell; a held-out "
             f"mean miss over ±{100 * JOINT_HOLDOUT_POINTS:g} points; an exponent's 95% CI wider than the exponent; "
             "a parameter at its bound")
 
@@ -160,6 +161,11 @@ def judge_joint(joint: dict, used: pd.DataFrame) -> list[Finding]:
         out.append(Finding("joint_few_sizes", (
             f"fewer than {JOINT_MIN_SIZES} training-set sizes at some widths ({where}): those widths pin "
             "only the law's level, not its slope")))
+    seeds = used.groupby(["width", "n_train"]).size()
+    if seeds.min() < MIN_SEEDS:
+        out.append(Finding("joint_few_seeds", (
+            f"the joint law's intervals come from {seeds.min()} seed(s) in some (n, width) cells (threshold: at "
+            f"least {MIN_SEEDS}): a bootstrap over so few seeds understates the spread; add seeds")))
     for axis, what in (("n", "the largest n"), ("m", "the widest model")):
         h = joint.get(f"_holdout_{axis}")
         if h is not None and h.mean_abs_error > JOINT_HOLDOUT_POINTS:

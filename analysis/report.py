@@ -167,8 +167,11 @@ def _joint_holdouts(joint: dict) -> list[str]:
         if h is None:
             notes.append(f"- {what}: not done: {joint.get(f'holdout_{axis}_reason')}")
             continue
+        thin = (f" Fitted on {h.fit.n_models} widths only: the width term's two parameters rest on one "
+                "difference, so this check is weaker than it looks." if h.fit.n_models < evidence.JOINT_MIN_WIDTHS
+                else "")
         notes.append(f"- {what}: mean miss **{100 * h.mean_abs_error:.2f} points** (worst "
-                     f"{100 * h.max_abs_error:.2f}) over {len(h.cells)} cells; fitted law `{h.fit.formula()}`")
+                     f"{100 * h.max_abs_error:.2f}) over {len(h.cells)} cells; fitted law `{h.fit.formula()}`.{thin}")
         for (n, m), obs, pred in zip(h.cells, h.observed_each, h.predicted_each):
             rows.append({"check": what, "n_train": f"{n:,.0f}", "width": f"{by_m.get(int(m), float('nan')):g}",
                          "parameters": f"{m:,.0f}", "measured (%)": f"{100 * obs:.2f}",

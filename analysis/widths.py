@@ -118,6 +118,9 @@ def analyse_joint(used: pd.DataFrame, metric: str, n_boot: int, seed: int = 0, e
                  "fit": None, "no_fit_reason": None, "intervals": None, "holdout_n": None,
                  "holdout_n_reason": None, "holdout_m": None, "holdout_m_reason": None, "per_width": [],
                  "cells": [], "best_on_grid": [], "frontier": [], "bootstrap_seed": seed}
+    if used.empty:
+        out["no_fit_reason"] = "no usable trials: every trial was left out of the fit"
+        return out
     try:
         params = model_sizes(used)
         out["num_params"] = {f"{w:g}": p for w, p in params.items()}

@@ -122,6 +122,7 @@ def test_tables_hold_every_trial_and_epoch(experiment):
         assert rows, f"trial {t.trial_id} has no reports"
         last = rows[-1]
         assert (t.fraction, t.seed) == (last["config"]["fraction"], last["config"]["seed"])
+        assert t.width == R.trial_width(last["config"], exp.config)  # the param, else the config's model.width
         assert t.n_train == last["n_train"]
         assert t.time_total_s == pytest.approx(last["time_total_s"])
         by_epoch = {r["epoch"]: r for r in rows}  # a retried epoch counts once, as last reported

@@ -164,10 +164,10 @@ def test_a_trials_width_is_its_param_else_the_stored_config():
 
 # --- plot_scaling on a fraction × width × seed sweep ------------------------------------------
 
-def _run(tmp_path, monkeypatch, exp, *extra) -> tuple[Path, dict, str]:
+def _run(tmp_path, monkeypatch, exp, *extra, n_boot: int = 50) -> tuple[Path, dict, str]:
     monkeypatch.setattr(R, "load_experiment", lambda path: exp)
     out = tmp_path / "out"
-    assert plot_scaling.main([str(exp.path), "--out", str(out), "--bootstrap", "50", *extra]) == 0
+    assert plot_scaling.main([str(exp.path), "--out", str(out), "--bootstrap", str(n_boot), *extra]) == 0
     return out, json.loads((out / "fit.json").read_text()), (out / "report.md").read_text()
 
 
@@ -208,13 +208,13 @@ def test_plot_scaling_fits_the_joint_law_of_a_width_grid(tmp_path, monkeypatch, 
 
 
 def test_without_the_envelope_on_request(tmp_path, monkeypatch):
-    _, doc, report = _run(tmp_path, monkeypatch, width_experiment(tmp_path / "widths"), "--no-envelope")
+    _, doc, report = _run(tmp_path, monkeypatch, width_experiment(tmp_path / "widths"), "--no-envelope", n_boot=20)
     assert doc["joint"]["fit"]["envelope"] is False and "off (--no-envelope)" in report
 
 
 def test_a_one_width_grid_is_analysed_as_before(tmp_path, monkeypatch, capsys):
     exp = width_experiment(tmp_path / "one", widths=(0.5,))
-    out, doc, report = _run(tmp_path, monkeypatch, exp)
+    out, doc, report = _run(tmp_path, monkeypatch, exp, n_boot=20)
     assert {p.name for p in out.iterdir()} == set(plot_scaling.OUTPUTS)
     assert "joint" not in doc and "width" not in doc and "## The joint law" not in report
     assert "joint law" not in capsys.readouterr().out
@@ -223,6 +223,7 @@ def test_a_one_width_grid_is_analysed_as_before(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("change, code, words", [
     (dict(widths=(0.25, 1.0)), "joint_few_widths", "2 widths (threshold: at least 3)"),
+    (dict(seeds=(0, 1)), "joint_few_seeds", "from 2 seed(s) in some (n, width) cells (threshold: at least 3)"),
     (dict(fractions=(1.0, 0.5)), None, "no joint law"),
 ])
 def test_weak_width_grids_earn_their_warnings(tmp_path, change, code, words):
@@ -230,7 +231,7 @@ def test_weak_width_grids_earn_their_warnings(tmp_path, change, code, words):
     from analysis.widths import analyse_joint
 
     exp = width_experiment(tmp_path / "weak", **change)
-    joint = analyse_joint(exp.trials, "test_top5_error", n_boot=30, eps0=EPS0)
+    joint = analyse_joint(exp.trials, "test_top5_error", n_boot=0, eps0=EPS0)
     found = evidence.judge_joint(joint, exp.trials)
     if code is None:  # two sizes: no fit at all, said in one warning
         assert [w.code for w in found] == ["joint_no_fit"] and words in found[0].message
