@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.extrapolation import CLEARLY_FACTOR, CLEARLY_MIN_GAIN
+from analysis.joint import FLAT_POINTS
 
 # The thresholds, stated in every message they produce.
 HOLDOUT_POINTS = 0.02  # held-out prediction off by more than 2 points of error
@@ -134,13 +135,14 @@ JOINT_MIN_WIDTHS = 3  # the width term has two parameters (b, beta): two widths 
 JOINT_MIN_SIZES = 3  # sizes at every width, so each width's own curve is seen, not only its level
 JOINT_HOLDOUT_POINTS = HOLDOUT_POINTS  # mean held-out miss over a check's cells
 EXPONENT_CI_WIDTH = ALPHA_CI_WIDTH  # alpha's and beta's 95% CI at most as wide as the exponent
+JOINT_FLAT_POINTS = FLAT_POINTS  # a term flatter than this across the grid sets no frontier (analysis.joint)
 
 
 def joint_checks() -> str:
-    return (f"joint law: fewer than {JOINT_MIN_WIDTHS} widths, {JOINT_MIN_SIZES} sizes at a width or "
-            f"{MIN_SEEDS} seeds in a cell; a held-out "
-            f"mean miss over ±{100 * JOINT_HOLDOUT_POINTS:g} points; an exponent's 95% CI wider than the exponent; "
-            "a parameter at its bound")
+    return (f"joint law: fewer than {JOINT_MIN_WIDTHS} widths, {JOINT_MIN_SIZES} sizes at a width or {MIN_SEEDS} "
+            f"seeds in a cell; a held-out mean miss over ±{100 * JOINT_HOLDOUT_POINTS:g} points; an exponent's 95% "
+            f"CI wider than the exponent; a parameter at its bound; a term moving the error by under "
+            f"{100 * JOINT_FLAT_POINTS:g} points across the grid (no frontier)")
 
 
 def judge_joint(joint: dict, used: pd.DataFrame) -> list[Finding]:
@@ -181,6 +183,10 @@ def judge_joint(joint: dict, used: pd.DataFrame) -> list[Finding]:
                 out.append(Finding(f"joint_wide_{p}_ci", (
                     f"the joint law's {sym} has a 95% CI ({lo:.3f} – {hi:.3f}) wider than {sym} itself "
                     f"({value:.3f}; threshold: a width of at most {sym}): the exponent is not determined")))
+    if joint.get("frontier_reason"):
+        out.append(Finding("joint_no_frontier", (
+            f"no compute frontier: {joint['frontier_reason']}; the best width on the grid is all these trials "
+            "can say")))
     if fit.at_bound:
         out.append(Finding("joint_at_bound", (
             f"the joint fit left {', '.join(fit.at_bound)} on a bound (exponents within (0, 3], c below the "

@@ -7,6 +7,7 @@ Matplotlib and seaborn as in `analysis.figures`, whose helpers (labels, ticks, s
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -153,7 +154,7 @@ def plot_frontier(joint: dict, metric: str, title: str):
     n_hi = 10 * max(sizes)
     n_grid = np.geomspace(min(sizes) / 1.5, n_hi * 1.2, 160)
     front = joint["frontier"]
-    m_lo, m_hi = min(params) / 4, max(max(params) * 4, max(r["num_params"] for r in front) * 1.5)
+    m_lo, m_hi = min(params) / 4, max([max(params) * 4] + [r["num_params"] * 1.5 for r in front])
     m_hi = min(m_hi, max(params) * 1e3)  # a near-flat width term sends m* off the page; say so, not draw it
     m_grid = np.geomspace(m_lo, m_hi, 160)
     N, M = np.meshgrid(n_grid, m_grid)
@@ -173,21 +174,12 @@ def plot_frontier(joint: dict, metric: str, title: str):
                     label="grid cell, coloured by its measured mean error\n(it vanishes into the map where the law fits)")
     ax.scatter(best["n_train"], best["num_params"], marker="*", s=300, facecolor="none", edgecolor="black",
                lw=1.3, zorder=5, label="best width on the grid at that n (least measured error, at any cost)")
-    inside = n_grid <= max(sizes) * 1.0001
-    m_star = np.atleast_1d(frontier(fit.values, n_grid))
-    fe = fit.alpha / fit.beta
-    stroke = [patheffects.withStroke(linewidth=4.5, foreground="white")]  # readable on dark and light map
-    ax.plot(n_grid[inside], m_star[inside], color="tab:blue", lw=2.4, zorder=3, path_effects=stroke,
-            label=rf"the law's compute-optimal $m^*(n) \propto n^{{{fe:.2f}}}$ (least error at fixed compute "
-                  r"$C \propto m\,n$)")
-    ax.plot(n_grid[~inside], m_star[~inside], color="tab:blue", lw=2.4, ls="--", zorder=3, path_effects=stroke,
-            label="the same beyond the grid's largest n (extrapolated)")
-    if boot is not None:
-        lo, hi = boot.frontier_interval(n_grid)
-        # Its edges only: a filled band as wide as a weak grid gives would grey out the map beneath.
-        ax.plot(n_grid, lo, color="tab:blue", lw=1.0, ls=(0, (1, 1.5)), zorder=3,
-                label=f"its 95% bootstrap band ({boot.n_ok} resamples of seeds)")
-        ax.plot(n_grid, hi, color="tab:blue", lw=1.0, ls=(0, (1, 1.5)), zorder=3)
+    if joint.get("frontier_reason"):
+        ax.text(0.98, 0.97, textwrap.fill(f"No compute frontier: {joint['frontier_reason']}.", 48),
+                transform=ax.transAxes, ha="right", va="top", fontsize=9,
+                bbox=dict(boxstyle="round", facecolor="white", alpha=0.85, lw=0))
+    else:
+        _draw_frontier(ax, fit, boot, n_grid, max(sizes))
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlim(n_grid[0], n_grid[-1])
@@ -208,6 +200,25 @@ def plot_frontier(joint: dict, metric: str, title: str):
     ax.legend(loc="upper left", bbox_to_anchor=(0.0, -0.13), fontsize=8.5, frameon=False, borderaxespad=0)
     fig.tight_layout()
     return fig
+
+
+def _draw_frontier(ax, fit, boot, n_grid, n_max) -> None:
+    """m*(n): solid over the grid's sizes, dashed beyond them, its bootstrap band as dotted edges."""
+    inside = n_grid <= n_max * 1.0001
+    m_star = np.atleast_1d(frontier(fit.values, n_grid))
+    fe = fit.alpha / fit.beta
+    stroke = [patheffects.withStroke(linewidth=4.5, foreground="white")]  # readable on dark and light map
+    ax.plot(n_grid[inside], m_star[inside], color="tab:blue", lw=2.4, zorder=3, path_effects=stroke,
+            label=rf"the law's compute-optimal $m^*(n) \propto n^{{{fe:.2f}}}$ (least error at fixed compute "
+                  r"$C \propto m\,n$)")
+    ax.plot(n_grid[~inside], m_star[~inside], color="tab:blue", lw=2.4, ls="--", zorder=3, path_effects=stroke,
+            label="the same beyond the grid's largest n (extrapolated)")
+    if boot is not None:
+        lo, hi = boot.frontier_interval(n_grid)
+        # Its edges only: a filled band as wide as a weak grid gives would grey out the map beneath.
+        ax.plot(n_grid, lo, color="tab:blue", lw=1.0, ls=(0, (1, 1.5)), zorder=3,
+                label=f"its 95% bootstrap band ({boot.n_ok} resamples of seeds)")
+        ax.plot(n_grid, hi, color="tab:blue", lw=1.0, ls=(0, (1, 1.5)), zorder=3)
 
 
 def _nice_levels(lo: float, hi: float) -> list[float]:

@@ -28,6 +28,7 @@ from raysweep.errors import RaysweepError
 PARAMS = ("a", "alpha", "b", "beta", "c")
 EXPONENT_MAX = 3.0  # an exponent above 3 is no power law these grids could tell from a step
 _START_EXPONENTS = (0.1, 0.25, 0.5, 0.8, 1.2)
+FLAT_POINTS = 0.005  # a term that moves the error by less than half a point across the grid sets no frontier
 
 
 def random_guess_error(metric: str, num_classes: int) -> float:
@@ -200,6 +201,20 @@ def fit_joint(n, m, err, eps0: float | None = None, start: tuple | None = None) 
                     rmse=float(np.sqrt(np.mean((pred - err) ** 2))), at_bound=at_bound)
 
 
+def frontier_reason(fit: "JointFit", n, m) -> str | None:
+    """Why the law gives no compute frontier on a grid spanning sizes `n` and models `m` (None: it
+    does): a term that moves the error by less than FLAT_POINTS across the grid (e.g. width does not
+    matter) leaves m* to be set by noise, with an exponent alpha/beta of any size."""
+    n, m = np.asarray(n, dtype=float), np.asarray(m, dtype=float)
+    spans = {"data": fit.a * (n.min() ** -fit.alpha - n.max() ** -fit.alpha),
+             "model-size": fit.b * (m.min() ** -fit.beta - m.max() ** -fit.beta)}
+    flat = [f"{k} term moves the error by {100 * v:.2f} points" for k, v in spans.items() if v < FLAT_POINTS]
+    if not flat:
+        return None
+    return (f"across the grid the law's {' and its '.join(flat)} (threshold: {100 * FLAT_POINTS:g} points), "
+            "so it sets no trade-off between data and model size")
+
+
 def frontier(values, n):
     """The compute-optimal model size for n images: at a fixed compute C ∝ m·n (each epoch costs
     parameters × images), the law's error is least where alpha·a·n^(-alpha) = beta·b·m^(-beta), so
@@ -207,7 +222,7 @@ def frontier(values, n):
     is a constant, so neither moves it. `values` entries may be arrays of resamples."""
     a, alpha, b, beta, _ = (np.asarray(v, dtype=float)[..., None] for v in values)
     n = np.asarray(n, dtype=float)
-    with np.errstate(over="ignore", divide="ignore"):
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore", under="ignore"):
         return np.squeeze((beta * b / (alpha * a)) ** (1 / beta) * n ** (alpha / beta))
 
 

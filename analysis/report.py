@@ -215,6 +215,9 @@ def _joint_per_width(joint: dict) -> list[str]:
 
 def _joint_frontier(joint: dict) -> list[str]:
     fit, iv = joint["_fit"], joint.get("intervals")
+    if joint.get("frontier_reason"):
+        return [f"No compute frontier: {joint['frontier_reason']}. The best width on the grid at each n is in "
+                "the table above.", "", "![The grid and the law's map](frontier.png)"]
     rows = [{"n_train": f"{r['n_train']:,.0f} ({r['times_largest']}× the largest)",
              "m* (parameters)": f"{r['num_params']:,.0f}" + (
                  f" [{r['interval'][0]:,.0f}, {r['interval'][1]:,.0f}]" if r["interval"] else ""),

@@ -117,7 +117,7 @@ def analyse_joint(used: pd.DataFrame, metric: str, n_boot: int, seed: int = 0, e
     out: dict = {"metric": metric, "envelope": eps0 is not None, "eps0": eps0, "widths": widths_of(used),
                  "fit": None, "no_fit_reason": None, "intervals": None, "holdout_n": None,
                  "holdout_n_reason": None, "holdout_m": None, "holdout_m_reason": None, "per_width": [],
-                 "cells": [], "best_on_grid": [], "frontier": [], "bootstrap_seed": seed}
+                 "cells": [], "best_on_grid": [], "frontier": [], "frontier_reason": None, "bootstrap_seed": seed}
     if used.empty:
         out["no_fit_reason"] = "no usable trials: every trial was left out of the fit"
         return out
@@ -144,7 +144,8 @@ def analyse_joint(used: pd.DataFrame, metric: str, n_boot: int, seed: int = 0, e
             out[f"holdout_{axis}_reason"] = str(e)
     out["_per_width"] = per_width_fits(used, metric, min(n_boot, PER_WIDTH_BOOT), seed)
     out["per_width"] = [{k: v for k, v in row.items() if not k.startswith("_")} for row in out["_per_width"]]
-    out["frontier"] = beyond_grid(boot, fit, float(n.max()), params)
+    out["frontier_reason"] = J.frontier_reason(fit, n, m)
+    out["frontier"] = [] if out["frontier_reason"] else beyond_grid(boot, fit, float(n.max()), params)
     out["frontier_rule"] = ("compute-optimal model size at a fixed compute C ∝ m·n: "
                             "m*(n) = (beta·b/(alpha·a))^(1/beta) · n^(alpha/beta)")
     return out

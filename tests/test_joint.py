@@ -251,3 +251,16 @@ def test_a_held_out_miss_of_the_joint_law_is_a_warning(tmp_path):
     joint = analyse_joint(exp.trials, "test_top5_error", n_boot=0, eps0=EPS0)
     found = {w.code: w.message for w in evidence.judge_joint(joint, exp.trials)}
     assert "joint_holdout_miss_m" in found and "threshold 2 points" in found["joint_holdout_miss_m"]
+
+
+def test_a_law_where_width_does_not_matter_sets_no_frontier(tmp_path):
+    from analysis import evidence
+    from analysis.widths import analyse_joint
+
+    exp = width_experiment(tmp_path / "flat")
+    # Every width's error is the widest model's at that n and seed: the width term must come out flat.
+    widest = exp.trials[exp.trials["width"] == 1.0].set_index(["n_train", "seed"])["test_top5_error"]
+    exp.trials["test_top5_error"] = [widest[(r.n_train, r.seed)] for r in exp.trials.itertuples()]
+    joint = analyse_joint(exp.trials, "test_top5_error", n_boot=0, eps0=EPS0)
+    assert joint["frontier"] == [] and "model-size term" in joint["frontier_reason"]
+    assert "joint_no_frontier" in [w.code for w in evidence.judge_joint(joint, exp.trials)]
