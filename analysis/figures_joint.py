@@ -171,7 +171,8 @@ def plot_frontier(joint: dict, metric: str, title: str):
     ax.grid(False)  # the contours are the grid here
     sc = ax.scatter(cells["n_train"], cells["num_params"], c=cells["mean"], cmap=cmap, norm=norm, s=75,
                     edgecolor="white", lw=1.0, zorder=4,
-                    label="grid cell, coloured by its measured mean error\n(it vanishes into the map where the law fits)")
+                    label="grid cell, coloured by its measured mean error\n"
+                          "(it vanishes into the map where the law fits)")
     ax.scatter(best["n_train"], best["num_params"], marker="*", s=300, facecolor="none", edgecolor="black",
                lw=1.3, zorder=5, label="best width on the grid at that n (least measured error, at any cost)")
     if joint.get("frontier_reason"):

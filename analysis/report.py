@@ -207,7 +207,8 @@ def _joint_per_width(joint: dict) -> list[str]:
                      "law (pow3)": f"`{fit['formula']}`" if fit else f"no fit: {r['reason']}",
                      "alpha": f"{fit['alpha']:.3f}" + (f" [{iv['alpha_ci'][0]:.3f}, {iv['alpha_ci'][1]:.3f}]"
                                                        if iv else "") if fit else "–",
-                     "c": f"{fit['c']:.4f}" if fit else "–", "RMSE (log)": f"{fit['rmse_log']:.4f}" if fit else "–"})
+                     "c": f"{fit['c']:.4f}" if fit else "–",
+                     "RMSE (log)": f"{fit['rmse_log']:.4f}" if fit else "–"})
     return ["Each width fitted on its own, err(n) = a·n^(-alpha) + c, 95% bootstrap CI of alpha in brackets. "
             "The joint law shares one alpha across widths; these show whether the widths agree.", "",
             md_table(pd.DataFrame(rows))]
