@@ -23,6 +23,9 @@ MIN_SPAN = 8.0  # largest / smallest size: at least three doublings
 MIN_SEEDS = 3  # seeds per size behind a bootstrap interval
 STEPS_RATIO = 2.0  # optimizer steps, most / fewest, across sizes
 ALPHA_CI_WIDTH = 1.0  # alpha's 95% CI at most as wide as alpha itself
+# A trial stopped early while its training loss still fell this fast (nats per epoch, over its
+# last `patience` epochs: the trial's `train_loss_slope`): it may have been stopped while learning.
+STILL_FALLING_SLOPE = 0.02
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,8 @@ def checks() -> str:
     return (f"held-out miss over ±{100 * HOLDOUT_POINTS:g} points; best epoch = last epoch in "
             f"{UNDERTRAINED_SHARE:.0%} or more of the trials not stopped early; fewer sizes than the law's "
             f"parameters + {EXTRA_SIZES} or a span under {MIN_SPAN:g}x; fewer than {MIN_SEEDS} seeds at a size; "
-            f"optimizer steps over {STEPS_RATIO:g}x apart while trials hit their epoch cap; alpha's 95% CI "
+            f"optimizer steps over {STEPS_RATIO:g}x apart while trials hit their epoch cap; trials stopped "
+            f"early with the training loss still falling over {STILL_FALLING_SLOPE:g} nats/epoch; alpha's 95% CI "
             f"wider than alpha; c at its bound; another curve family extrapolating clearly better")
 
 
@@ -81,6 +85,15 @@ def judge(used: pd.DataFrame, result: dict, config: dict | None = None) -> list[
                 f"stopped early (threshold: {UNDERTRAINED_SHARE:.0%} of them): those models were still "
                 "improving when training ended; train longer, or until early stopping ends them "
                 "(train.patience)")))
+    if not used.empty and "train_loss_slope" in used and "stopped_early" in used:
+        early = used[~_capped(used) & used["train_loss_slope"].notna()]
+        falling = early[early["train_loss_slope"].astype(float) > STILL_FALLING_SLOPE]
+        if len(falling):
+            where = ", ".join(f"{int(c)} at n = {int(n_):,}" for n_, c in falling.groupby("n_train").size().items())
+            out.append(Finding("stopped_while_falling", (
+                f"{len(falling)} trial(s) stopped early while their training loss still fell faster than "
+                f"{STILL_FALLING_SLOPE:g} nats/epoch ({where}): they may have been stopped while still learning, "
+                "which biases the slope; raise train.patience, or set train.stop_loss_slope")))
     k = fit.model.k if fit is not None else 3
     sizes = np.unique(used["n_train"].dropna().astype(float)) if not used.empty else np.array([])
     if sizes.size:

@@ -26,7 +26,7 @@ TIME_METRICS = ["steps", "time_train_s", "time_eval_s", "time_test_s", "time_che
 FINAL_METRICS = ["test_loss", "test_top1_error", "test_top5_error", "best_val_top5_error"]
 # The final report's description of the trial (optional too): what ran and how it ended.
 FINAL_INFO = ["steps", "select_metric", "best_val_error", "stopped_early", "max_epochs", "num_classes",
-              "num_params", "model", "wall_time_s"]
+              "num_params", "model", "wall_time_s", "train_loss_slope"]
 VAL_METRICS = ["val_loss", "val_top1_error", "val_top5_error"]
 ERROR_METRICS = ["val_top1_error", "val_top5_error", "test_top1_error", "test_top5_error"]
 CONFIG_FILE = "raysweep_config.json"

@@ -511,3 +511,14 @@ def test_help_is_fast_and_shows_defaults():
     text = " ".join(proc.stdout.split())
     assert proc.returncode == 0 and "(default: auto)" in text and "(default: pow3)" in text
     assert took < 2.0, f"--help took {took:.1f} s"
+
+
+def test_trials_stopped_while_their_training_loss_still_fell_are_a_warning(tmp_path):
+    exp = modern_experiment(tmp_path / "x", stopped_early=True)
+    exp.trials["train_loss_slope"] = 0.001  # flat: stopped at a real plateau
+    assert "stopped_while_falling" not in _codes(_judge(exp)[1])
+    largest = exp.trials["n_train"] == 50_000
+    exp.trials.loc[largest, "train_loss_slope"] = 0.08
+    message = next(w.message for w in _judge(exp)[1] if w.code == "stopped_while_falling")
+    assert message.startswith("3 trial(s) stopped early while their training loss still fell faster than "
+                              "0.02 nats/epoch (3 at n = 50,000)")
