@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -22,6 +26,7 @@ from raysweep.data.sample import main as sample_main
 from raysweep.errors import RaysweepError
 from raysweep.data.synthetic import write_synthetic
 
+REPO = Path(__file__).resolve().parent.parent
 SAMPLE = Path(source.__file__).parent / "builtin" / "cifar10-sample"
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -90,9 +95,15 @@ def test_sample_script_takes_the_first_rows_of_each_class_keeping_schema_and_ord
 
 # --- the hub download path, on local files in the hub's exact schema ------------------------
 
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
 @pytest.fixture
 def fake_hub(tmp_path, monkeypatch):
-    """snapshot_download replaced by a copy of a local 'repo', filtered by allow_patterns as the hub does."""
+    """The hub replaced by a local 'repo': dataset_info lists its files at COMMIT, and
+    snapshot_download copies them, filtered by allow_patterns as the hub does."""
+    from types import SimpleNamespace
+
     from huggingface_hub.utils import filter_repo_objects
 
     repo = tmp_path / "repo"
@@ -104,20 +115,23 @@ def fake_hub(tmp_path, monkeypatch):
     (repo / "README.md").write_text("card")
     calls = []
 
-    def snapshot_download(repo_id, repo_type, allow_patterns, token):
-        calls.append((repo_id, repo_type, allow_patterns))
-        files = [p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file()]
+    def repo_files():
+        return [p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file()]
+
+    def snapshot_download(repo_id, *, repo_type, allow_patterns, token, revision=None, local_files_only=False):
+        calls.append((repo_id, repo_type, allow_patterns, revision))
         snap = tmp_path / "snapshot" / str(len(calls))
-        for rel in filter_repo_objects(files, allow_patterns=allow_patterns):
+        for rel in filter_repo_objects(repo_files(), allow_patterns=allow_patterns):
             (snap / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(repo / rel, snap / rel)
         return str(snap)
 
-    def list_repo_files(repo_id, repo_type, token):
-        return [p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file()]
+    def dataset_info(self, repo_id, *, timeout=None, token=None):
+        assert timeout is not None and timeout <= 3, "the first request to the hub must time out quickly"
+        return SimpleNamespace(sha=COMMIT, siblings=[SimpleNamespace(rfilename=f) for f in repo_files()])
 
     monkeypatch.setattr("huggingface_hub.snapshot_download", snapshot_download)
-    monkeypatch.setattr("huggingface_hub.list_repo_files", list_repo_files)
+    monkeypatch.setattr("huggingface_hub.HfApi.dataset_info", dataset_info)
     return repo, calls
 
 
@@ -129,13 +143,35 @@ def test_a_hub_id_downloads_split_files_only_and_reads_the_chosen_config(fake_hu
     assert calls == [], "a repo with several configs is refused before any download"
     src = resolve_source("someone/cifar-like", config="plain_text")
     assert [c[0] for c in calls] == ["someone/cifar-like"] and calls[0][1] == "dataset"
+    assert calls[0][3] == COMMIT and src.revision == COMMIT, "the files of the commit the file list came from"
     assert sorted(p.relative_to(src.root).as_posix() for p in src.root.rglob("*.parquet")) == [
         "plain_text/test-00000-of-00001.parquet", "plain_text/train-00000-of-00001.parquet"]
     assert (src.config, src.image_column, list(src.files)) == ("plain_text", "img", ["train", "test"])
     # With one config on the hub, data.config can stay empty and only that config is fetched.
     shutil.rmtree(repo / "grey")
-    src = resolve_source("someone/cifar-like")
-    assert calls[-1][2] == hub_patterns("plain_text") and src.config == "plain_text"
+    again = resolve_source("someone/cifar-like")
+    assert calls[-1][2] == hub_patterns("plain_text") and again.config == "plain_text"
+    # Named by its commit and file names: the same commit downloaded to another folder is the same data.
+    assert again.root != src.root and again.fingerprint == src.fingerprint
+
+
+def test_a_hub_id_without_network_fails_in_seconds_naming_the_id_and_the_problem(tmp_path):
+    """HF_ENDPOINT at a closed port: connection refused at once; without the one-try probe,
+    huggingface_hub's retries took 23-31 s before the error."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = ("import time, sys\nfrom raysweep.data import resolve_source\nt = time.monotonic()\n"
+            "try:\n    resolve_source('someone/cifar-like')\nexcept Exception as e:\n"
+            "    print(f'{time.monotonic() - t:.2f}', type(e).__name__, e)\n")
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HOME": str(tmp_path / "hf"),
+           "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    took, kind, message = proc.stdout.strip().split(" ", 2)
+    assert kind == "RaysweepError" and float(took) < 3.0, proc.stdout + proc.stderr
+    assert message.startswith("data source 'someone/cifar-like': the Hugging Face hub at "
+                              f"http://127.0.0.1:{port} cannot be reached (ConnectError")
+    assert "HF cache" in message and "Retry" not in proc.stderr, proc.stderr
 
 
 # --- labels and early checks -----------------------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raysweep.data.source import Source
+from raysweep.data.source import Source, looks_like_path
 from raysweep.errors import RaysweepError
 
 CACHE_VERSION = 2
@@ -132,9 +132,16 @@ def cache_key(src: Source, image_size: int, decoder: str, val_fraction: float = 
 
 def cache_path(cache_dir, src: Source, image_size: int, decoder: str, val_fraction: float = 0.1,
                val_seed: int = 0) -> Path:
-    slug = re.sub(r"[^A-Za-z0-9.-]+", "_", src.name.strip("./~")).strip("_")[-40:] or "data"
+    """`<cache_dir>/prepared/<name>-<size>px-<key>`. The key says what the cache holds; the name
+    only helps a reader, so a cache made from a copy of the data under another name is reused."""
     key = cache_key(src, image_size, decoder, val_fraction, val_seed)
-    return Path(cache_dir).expanduser() / "prepared" / f"{slug}-{image_size}px-{key}"
+    prepared = Path(cache_dir).expanduser() / "prepared"
+    for found in sorted(prepared.glob(f"*-{image_size}px-{key}")):
+        if (found / "meta.json").is_file():
+            return found
+    name = src.root.name if looks_like_path(src.name) else src.name
+    slug = re.sub(r"[^A-Za-z0-9.-]+", "_", name).strip("_")[-40:] or "data"
+    return prepared / f"{slug}-{image_size}px-{key}"
 
 
 def first_skip(meta: dict) -> str:

@@ -7,7 +7,6 @@ cache directory) or `builtin:<name>` (a small set shipped with the package).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -18,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raysweep.data.fingerprint import dataset_fingerprint
 from raysweep.data.layout import SPLIT_ALIASES, describe_configs, find_layout, group_files, hub_patterns
 from raysweep.errors import RaysweepError
 
@@ -26,6 +26,9 @@ BUILTIN_PREFIX = "builtin:"
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
 # A hub id is `name` or `owner/name`; anything else (or anything that exists locally) is a path.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# The first request to the hub: one try with this timeout, so that with no network the user
+# hears so in seconds, not after huggingface_hub's 30 s of retries.
+HUB_PROBE_TIMEOUT_S = 2.0
 SYNTHETIC_DEFAULTS = {"classes": 10, "train_per_class": 40, "val_per_class": 10,
                       "test_per_class": 10, "seed": 0}
 
@@ -43,6 +46,7 @@ class Source:
     label_column: str = "label"
     config: str = ""                # the config folder read ("data", "plain_text", "." = top level)
     split_names: dict[str, str] = field(default_factory=dict)  # split -> name on disk ("valid", ...)
+    revision: str = ""              # a hub download's commit ("" for local files)
 
     @property
     def has_validation(self) -> bool:
@@ -71,13 +75,17 @@ def builtin_root(source: str) -> Path:
 
 
 def resolve_source(source: str, cache_dir: str | os.PathLike | None = None, synthetic: dict | None = None,
-                   *, config: str = "", image_column: str = "", label_column: str = "") -> Source:
+                   *, config: str = "", image_column: str = "", label_column: str = "",
+                   fingerprint: bool = True) -> Source:
     """SOURCE -> `Source`. Paths are never sent to the hub; a bad path names itself.
 
     `config`, `image_column` and `label_column` are data.config, data.image_column and
     data.label_column ("" = detect). A layout problem raises one RaysweepError naming them all.
+    `fingerprint=False` skips the content hash (`raysweep.data.fingerprint`), for checks that
+    do not need it; `cache_dir` holds its memo.
     """
     source = str(source)
+    revision = ""
     if source == "synthetic":
         root = _synthetic_root(cache_dir, synthetic or {})
     elif source.startswith(BUILTIN_PREFIX):
@@ -90,13 +98,14 @@ def resolve_source(source: str, cache_dir: str | os.PathLike | None = None, synt
             raise RaysweepError(f"data source '{source}' is not a directory (expected a directory holding "
                                 "{config}/{split}-*.parquet, e.g. data/train-*.parquet, or {split}-*.parquet)")
     else:
-        root = _download_hub(source, config)
+        root, revision = _download_hub(source, config)
     root = root.resolve()
     layout = find_layout(root, source, config, image_column, label_column)
     src = Source(name=source, root=root, files=layout.files, class_names=layout.class_names,
                  image_column=layout.image_column, label_column=layout.label_column,
-                 config=layout.config, split_names=layout.split_names)
-    src.fingerprint = _fingerprint(src)
+                 config=layout.config, split_names=layout.split_names, revision=revision)
+    if fingerprint:
+        src.fingerprint = dataset_fingerprint(root, src.files, cache_dir, revision)
     return src
 
 
@@ -118,7 +127,7 @@ def check_local_source(data_cfg) -> None:
     if src == "synthetic" or not (src.startswith(BUILTIN_PREFIX) or looks_like_path(src)):
         return
     resolve_source(src, config=data_cfg.config, image_column=data_cfg.image_column,
-                   label_column=data_cfg.label_column)
+                   label_column=data_cfg.label_column, fingerprint=False)
 
 
 def read_labels(paths: list[Path], split: str, column: str = "label") -> np.ndarray:
@@ -158,16 +167,6 @@ def check_label_range(split: str, paths: list[Path], labels: np.ndarray, num_cla
                         f"row{'s' if bad.size > 1 else ''} in the split{hint}")
 
 
-def _fingerprint(src: Source) -> str:
-    """Cheap identity of the files: path, size, mtime. A rewritten file gets a new cache."""
-    h = hashlib.sha256()
-    for split, paths in src.files.items():
-        for p in paths:
-            st = p.stat()
-            h.update(f"{split}\0{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
 def _synthetic_root(cache_dir, params: dict) -> Path:
     """Generate the synthetic set once per parameter set, atomically, under the cache dir."""
     from raysweep.data.synthetic import write_synthetic
@@ -192,34 +191,59 @@ def _synthetic_root(cache_dir, params: dict) -> Path:
     return root
 
 
-def _download_hub(repo_id: str, config: str = "") -> Path:
-    """Fetch the split files of a hub dataset (one config only) into the HF cache.
+def _download_hub(repo_id: str, config: str = "") -> tuple[Path, str]:
+    """Fetch the split files of a hub dataset (one config only) into the HF cache: (path, commit).
 
-    Honours HF_TOKEN and HF_HOME. Without data.config, the repo's file list picks the config
-    first, so a repo with several is refused before anything is downloaded. Only split files
-    are fetched: a repo's extra splits (e.g. an unlabeled one) cost nothing.
+    Honours HF_TOKEN, HF_HOME, HF_ENDPOINT and HF_HUB_OFFLINE. One request without retries asks
+    for the repo's commit and file list; the file list picks the config when data.config is
+    empty, so a repo with several is refused before anything is downloaded. Only split files are
+    fetched: a repo's extra splits (e.g. an unlabeled one) cost nothing. With the hub out of
+    reach, a copy already in the HF cache is used, else the error says so within seconds.
     """
     token = os.environ.get("HF_TOKEN") or None
-    try:
-        from huggingface_hub import list_repo_files, snapshot_download
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
-        if not config:
-            try:
-                groups = group_files(list_repo_files(repo_id, repo_type="dataset", token=token))
-            except Exception:  # offline or no access: snapshot_download uses its cache or says why
-                groups = {}
-            if len(groups) > 1:
-                raise RaysweepError(f"data source '{repo_id}': several configs on the hub: choose one with "
-                                    f"data.config. Configs seen: {describe_configs(groups)}")
-            config = next(iter(groups), "")
-        path = snapshot_download(repo_id, repo_type="dataset", allow_patterns=hub_patterns(config), token=token)
-    except RaysweepError:
-        raise
+    try:
+        info = HfApi().dataset_info(repo_id, timeout=HUB_PROBE_TIMEOUT_S, token=token)
+    except (RepositoryNotFoundError, GatedRepoError) as err:
+        raise RaysweepError(f"data source '{repo_id}': {_first_line(err)} (a private or gated dataset needs "
+                            "HF_TOKEN; a local directory must start with ./ or /)") from None
+    except Exception as err:  # no network, offline mode, the hub down: the HF cache may hold it
+        return _from_hf_cache(repo_id, config, token, err)
+    if not config:
+        groups = group_files([s.rfilename for s in info.siblings or []])
+        if len(groups) > 1:
+            raise RaysweepError(f"data source '{repo_id}': several configs on the hub: choose one with "
+                                f"data.config. Configs seen: {describe_configs(groups)}")
+        config = next(iter(groups), "")
+    try:
+        path = snapshot_download(repo_id, repo_type="dataset", revision=info.sha, token=token,
+                                 allow_patterns=hub_patterns(config))
     except Exception as err:
-        kind = type(err).__name__
+        raise RaysweepError(f"data source '{repo_id}': could not fetch it from the Hugging Face hub "
+                            f"({_first_line(err)}). Check the network and HF_TOKEN, or pass a local directory "
+                            "in the hub layout (a path starting with ./ or /)") from None
+    return Path(path), info.sha or ""
+
+
+def _from_hf_cache(repo_id: str, config: str, token, why: Exception) -> tuple[Path, str]:
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        path = Path(snapshot_download(repo_id, repo_type="dataset", token=token, local_files_only=True,
+                                      allow_patterns=hub_patterns(config)))
+    except Exception:
+        endpoint = constants.ENDPOINT
         raise RaysweepError(
-            f"data source '{repo_id}': could not fetch it from the Hugging Face hub ({kind}: "
-            f"{str(err).splitlines()[0] if str(err) else 'no detail'}). Check the network and HF_TOKEN, "
-            f"or pass a local directory in the hub layout (a path starting with ./ or /)"
-        ) from None
-    return Path(path)
+            f"data source '{repo_id}': the Hugging Face hub at {endpoint} cannot be reached "
+            f"({_first_line(why)}) and the HF cache ({constants.HF_HUB_CACHE}) has no copy. Check the network "
+            "(HF_ENDPOINT, a proxy) and HF_TOKEN, or pass a local directory in the hub layout "
+            "(a path starting with ./ or /)") from None
+    # The HF cache keeps each commit's files under snapshots/<commit>.
+    return path, path.name if path.parent.name == "snapshots" else ""
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else 'no detail'}"
