@@ -65,6 +65,19 @@ def class_counts(src, data_cfg: DataConfig | None = None):
     return table
 
 
+def size_source(args) -> str:
+    """Where data.image_size came from, said with every figure measured against it: without
+    --config it is the default config's full-scale 227 px, whatever the data."""
+    if any(o.partition("=")[0].strip() == "data.image_size" for o in args.overrides):
+        return "data.image_size, from --set"
+    if args.config:
+        return f"data.image_size of {args.config}"
+    from raysweep.config import DEFAULT_CONFIG
+
+    return (f"data.image_size of {DEFAULT_CONFIG.parent.name}/{DEFAULT_CONFIG.name}, the default: pass the "
+            "sweep's --config, or --set data.image_size=N, to measure against its size")
+
+
 def plot_sizes(sizes, out: Path, image_size: int) -> None:
     import matplotlib
 
@@ -122,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     from raysweep.data.source import resolve_source, synthetic_params
 
     src = resolve_source(d.source, d.cache_dir, synthetic_params(d), config=d.config,
-                         image_column=d.image_column, label_column=d.label_column)
+                         image_column=d.image_column, label_column=d.label_column, fingerprint=False)
     a.out.mkdir(parents=True, exist_ok=True)
 
     counts = class_counts(src, d)
@@ -151,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {int(r.width):>5} x {int(r.height):<5} {int(r.images):>7}  {100 * r.share:5.1f}%")
     short = sizes.loc[sizes["mode"] != "bad", ["width", "height"]].min(axis=1)
     print(f"shorter side: median {short.median():.0f}, {100 * (short < d.image_size).mean():.1f}% "
-          f"below {d.image_size} (data.image_size)")
+          f"below {d.image_size} ({size_source(a)})")
     modes = Counter(zip(sizes["format"], sizes["mode"]))
     print("formats/modes: " + ", ".join(f"{f} {m}: {n}" for (f, m), n in modes.most_common()))
     if (sizes["mode"] == "bad").any():

@@ -238,6 +238,9 @@ def validate(cfg: Config) -> None:
         raise RaysweepError("config key 'sweep.seeds' is empty: give at least one seed")
     if len(set(cfg.sweep.seeds)) != len(cfg.sweep.seeds):
         raise RaysweepError(f"config key 'sweep.seeds' has duplicates: {cfg.sweep.seeds}")
+    for i, seed in enumerate(cfg.sweep.seeds):
+        if seed < 0:  # numpy's and torch's generators take seeds >= 0 only
+            raise RaysweepError(f"config key 'sweep.seeds[{i}]' = {seed} must be >= 0")
     positive = {
         "train.epochs": cfg.train.epochs,
         "train.batch_size": cfg.train.batch_size,
@@ -304,7 +307,8 @@ def validate(cfg: Config) -> None:
     if cfg.sweep.widths and cfg.model.name != "alexnet":
         raise RaysweepError(f"config key 'sweep.widths' applies to alexnet only; model.name is {cfg.model.name!r}")
     if cfg.model.width != 1.0 and cfg.model.name != "alexnet":
-        raise RaysweepError(f"config key 'model.width' applies to alexnet only; model.name is {cfg.model.name!r}")
+        raise RaysweepError(f"config key 'model.width' = {cfg.model.width:g} applies to alexnet only; model.name "
+                            f"is {cfg.model.name!r}: add --set model.width=1 (the config sets the width for alexnet)")
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

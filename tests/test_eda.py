@@ -37,7 +37,7 @@ def test_eda_reads_every_hub_layout(tmp_path, capsys, folder, image_column, val)
         assert counts["train"].tolist() == [9, 9, 9] and counts["validation"].tolist() == [1, 1, 1]
         assert "validation: none in the source; a sweep carves 3 rows from train (0.1 of each class" in out
     assert f"columns: image '{image_column}', label 'label'" in out
-    assert "24 x 16" in out and "100.0% below 64 (data.image_size)" in out
+    assert "24 x 16" in out and "100.0% below 64 (data.image_size, from --set)" in out
     assert (tmp_path / "eda" / "image_sizes.png").stat().st_size > 0
 
 
@@ -49,6 +49,18 @@ def test_eda_on_the_builtin_set_reports_the_split_a_sweep_will_carve(tmp_path, c
     assert set(counts["train"]) == {160} and set(counts["validation"]) == {40} and set(counts["test"]) == {200}
     assert "a sweep carves 400 rows from train (0.2 of each class" in out
     assert "config: plain_text; columns: image 'img', label 'label'; splits on disk: train, test" in out
+
+
+def test_eda_says_which_image_size_it_measures_against(tmp_path, capsys):
+    """Without --config the size is the default config's 227 px, not the data's: the line says so."""
+    assert main(["--data", "builtin:cifar10-sample", "--out", str(tmp_path)]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("shorter side"))
+    assert line == ("shorter side: median 32, 100.0% below 227 (data.image_size of configs/default.yaml, the "
+                    "default: pass the sweep's --config, or --set data.image_size=N, to measure against its size)")
+    demo = os.path.join(REPO, "configs", "demo.yaml")
+    assert main(["--config", demo, "--out", str(tmp_path)]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("shorter side"))
+    assert line == f"shorter side: median 32, 100.0% below 64 (data.image_size of {demo})"
 
 
 def test_eda_reports_a_layout_problem_in_one_line(tmp_path):
