@@ -1,9 +1,11 @@
-"""CLI: several sweeps on one figure: compare.png/.svg (the scaling curves and fitted laws),
-compare.csv (one row per experiment and fraction) and compare.md.
+"""CLI: several sweeps on one figure, compare.png/.svg (the scaling curves and fitted laws), with
+compare.csv (one row per experiment and fraction) and compare.md, each law with its warnings.
 
-    python -m analysis.compare EXP_DIR... [--labels A B ...] [--metric auto] --out DIR
+    python -m analysis.compare EXP_DIR... [--labels A B ...] [--metric auto] [--model auto] --out DIR
 
-Refuses, in one line, experiments run on different datasets or reporting different metrics.
+Each law is fitted and judged as analysis.plot_scaling does (the same fit, held-out check and
+evidence warnings). Experiments run on different datasets or reporting different metrics are
+refused in one line.
 """
 
 from __future__ import annotations
@@ -14,8 +16,31 @@ from pathlib import Path
 
 from analysis.cli import HelpFormatter
 from analysis.curves import MODEL_NAMES  # numpy only: cheap
-from analysis.plot_scaling import METRICS  # its heavy imports are inside its functions
+from analysis.plot_scaling import DEFAULT_MODEL, METRICS  # its heavy imports are inside its functions
 from raysweep.errors import RaysweepError, cli_entry
+
+
+def reported_model(exp_dir: Path) -> str | None:
+    """The curve family of the experiment's own report (analysis/fit.json by plot_scaling), if any."""
+    import json
+
+    try:
+        return json.loads((Path(exp_dir) / "analysis" / "fit.json").read_text()).get("model")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def choose_model(requested: str, exps: list) -> tuple[str, str]:
+    """The family fitted to every experiment and why: --model when given; for auto, the family
+    their own reports used (so compare shows the laws plot_scaling showed), else plot_scaling's default."""
+    if requested != "auto":
+        return requested, "--model"
+    seen = [reported_model(e.path) for e in exps]
+    if seen[0] and len(set(seen)) == 1:
+        return seen[0], "the family of their own reports (analysis/fit.json)"
+    why = "their reports name different families" if len(set(s for s in seen if s)) > 1 else \
+        "not every experiment has a report (analysis/fit.json)"
+    return DEFAULT_MODEL, f"plot_scaling's default; {why}"
 
 
 
@@ -57,7 +82,8 @@ def check_comparable(exps: list, labels: list[str], metrics: list[str]) -> None:
                                 f"{metric} for the other; pass --metric to fit the same error in both")
 
 
-def _rows(label: str, exp, used, metric: str, result: dict) -> list[dict]:
+def _rows(label: str, exp, used, metric: str, result: dict, found: list) -> list[dict]:
+    from analysis import evidence
     from analysis import results as R
 
     summary = R.per_fraction_summary(used, exp.trials, metrics=[metric])
@@ -69,13 +95,18 @@ def _rows(label: str, exp, used, metric: str, result: dict) -> list[dict]:
             law[p] = getattr(fit, p)
             if boot is not None:
                 law[f"{p}_ci_low"], law[f"{p}_ci_high"] = boot.interval(p)
+    # An interval that cannot be drawn is left empty and says why, never a zero-width one.
+    law["interval_note"] = result.get("intervals_reason") or ""
+    law["warnings"] = "; ".join(w.code for w in found)
+    law["warning_messages"] = " | ".join(f"{w.code}: {w.message}" for w in found)
     rows = []
     for r in summary.itertuples(index=False):
         r = r._asdict()
         rows.append({"experiment": label, "path": str(exp.path), "metric": metric, "fraction": r["fraction"],
                      "n_train": r["n_train"], "n_seeds": r["n_seeds"], "mean_error": r[f"{metric}_mean"],
                      "std_error": r[f"{metric}_std"], "ci_low": r[f"{metric}_ci_low"],
-                     "ci_high": r[f"{metric}_ci_high"], **law})
+                     "ci_high": r[f"{metric}_ci_high"],
+                     "ci_note": evidence.ONE_SEED if r["n_seeds"] == 1 else "", **law})
     return rows
 
 
@@ -137,17 +168,21 @@ def plot(entries: list[tuple], metric: str):
     return fig
 
 
-def markdown(entries: list[tuple], exps: list, rows, metric: str, rule: str) -> str:
+def markdown(entries: list[tuple], exps: list, rows, metric: str, rule: str, model_rule: str,
+             findings: list[list]) -> str:
     import pandas as pd
 
+    from analysis import evidence
     from analysis import report as T
 
-    laws = []
-    for (label, used, result), exp in zip(entries, exps):
+    laws, warned = [], []
+    for (label, used, result), exp, found in zip(entries, exps, findings):
         fit, boot = result.get("_fit"), result.get("_boot")
         alpha = "–"
         if fit is not None and "alpha" in fit.model.params:
-            alpha = f"{fit.alpha:.3f}" + (" [{:.3f}, {:.3f}]".format(*boot.interval("alpha")) if boot else "")
+            alpha = f"{fit.alpha:.3f}" + (" [{:.3f}, {:.3f}]".format(*boot.interval("alpha")) if boot else
+                                          f" [{result['intervals_reason']}]" if result.get("intervals_reason") else "")
+        warned += [f"- **{label}**: **{w.code}**: {w.message}" for w in found]
         hold = result.get("_holdout")
         model = T.trained_model(exp)
         laws.append({"experiment": label, "model": model["name"] or "–",
@@ -155,27 +190,37 @@ def markdown(entries: list[tuple], exps: list, rows, metric: str, rule: str) -> 
                      "trials used": len(used),
                      "law": f"`{fit.formula()}`" if fit else f"no fit: {result['no_fit_reason']}",
                      "alpha [95% CI]": alpha,
-                     "held-out error (points)": f"{100 * hold.abs_error:+.2f}" if hold is not None else "–"})
+                     "held-out error (points)": f"{100 * hold.abs_error:+.2f}" if hold is not None else "–",
+                     "warnings": ", ".join(w.code for w in found) or "none"})
     table = rows.pivot_table(index="n_train", columns="experiment", values="mean_error", sort=True)
     table = table[[label for label, *_ in entries if label in table.columns]]
     shown = table.map(lambda v: "–" if pd.isna(v) else f"{100 * v:.2f}").reset_index()
     shown["n_train"] = shown["n_train"].map(lambda n: f"{int(n):,}")
+    if warned:
+        head = [f"> **{len(warned)} warning{'s' if len(warned) > 1 else ''}, as each experiment's own report "
+                "would raise them: read these before the numbers.**", ">"] + [f"> {w}" for w in warned]
+    else:
+        head = [f"**No warnings.** Checked for each experiment: {evidence.checks()}."]
     return "\n".join([
-        f"# Comparison: {', '.join(label for label, *_ in entries)}", "",
-        f"Metric: {rule}.", "", "![Comparison](compare.png)", "", "## Laws", "", T.md_table(pd.DataFrame(laws)), "",
+        f"# Comparison: {', '.join(label for label, *_ in entries)}", "", *head, "",
+        f"Metric: {rule}. Law: {entries[0][2]['model']} ({model_rule}).", "", "![Comparison](compare.png)", "",
+        "## Laws", "", T.md_table(pd.DataFrame(laws)), "",
         f"## Mean {metric} (%) by training-set size", "", T.md_table(shown), "",
         "Experiments: " + "; ".join(f"{label} = `{exp.path}`" for (label, *_), exp in zip(entries, exps)), "",
         "Files: [compare.svg](compare.svg), [compare.csv](compare.csv).", ""])
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m analysis.compare", description=__doc__.splitlines()[0],
-                                formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m analysis.compare", formatter_class=HelpFormatter,
+                                description=__doc__.split("\n\n")[0].replace("\n", " "),
+                                epilog=__doc__.split("\n\n", 2)[2].replace("\n", " ").strip())
     p.add_argument("experiment_dirs", type=Path, nargs="+", metavar="EXP_DIR", help="sweeps to compare")
     p.add_argument("--labels", nargs="+", help="one name per experiment (default: the directories' names)")
     p.add_argument("--metric", default="auto", choices=METRICS,
                    help="the error to compare; auto: test top-5 error with >= 50 classes, else top-1")
-    p.add_argument("--model", default="pow3", choices=MODEL_NAMES, help="the curve family fitted to each")
+    p.add_argument("--model", default="auto", choices=["auto", *MODEL_NAMES],
+                   help="the curve family fitted to each; auto: the family of the experiments' own reports "
+                        f"(EXP_DIR/analysis/fit.json) when they agree, else {DEFAULT_MODEL} (plot_scaling's default)")
     p.add_argument("--include-unlearned", action="store_true", help="use trials that did not learn too")
     p.add_argument("--bootstrap", type=int, default=200, metavar="N", help="bootstrap resamples per law (0: none)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
@@ -198,7 +243,7 @@ def main(argv=None) -> int:
 
     import pandas as pd
 
-    from analysis import figures, plot_scaling
+    from analysis import evidence, figures, plot_scaling
     from analysis import results as R
     from raysweep.io import atomic_write_text
 
@@ -215,14 +260,17 @@ def main(argv=None) -> int:
         rules.append(rule)
     check_comparable(exps, labels, metrics)
     metric = metrics[0]
-    entries, rows = [], []
+    model, model_rule = choose_model(args.model, exps)
+    entries, rows, findings = [], [], []
     for label, exp in zip(labels, exps):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             used = R.trials_for_fit(exp.trials, include_unlearned=args.include_unlearned)
-        result = plot_scaling.analyse(used, metric, [], args.bootstrap, model=args.model)
+        result = plot_scaling.analyse(used, metric, [], args.bootstrap, model=model)
+        found = evidence.judge(used, result, exp.config)
         entries.append((label, used, result))
-        rows += _rows(label, exp, used, metric, result)
+        findings.append(found)
+        rows += _rows(label, exp, used, metric, result, found)
     table = pd.DataFrame(rows)
     try:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -235,7 +283,11 @@ def main(argv=None) -> int:
 
     plt.close(fig)
     atomic_write_text(args.out / "compare.csv", table.to_csv(index=False))
-    atomic_write_text(args.out / "compare.md", markdown(entries, exps, table, metric, rules[0]))
+    atomic_write_text(args.out / "compare.md", markdown(entries, exps, table, metric, rules[0], model_rule, findings))
+    for (label, _, _), found in zip(entries, findings):
+        for w in found:  # plot_scaling's lines, with the experiment named
+            print(f"raysweep: warning: {label}: {w.code}: {w.message}", file=sys.stderr)
+    print(f"law ({metric}, {model}: {model_rule}):")
     for label, used, result in entries:
         fit = result.get("_fit")
         print(f"{label}: " + (fit.formula() if fit else f"no fit: {result['no_fit_reason']}"))

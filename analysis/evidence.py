@@ -26,6 +26,14 @@ ALPHA_CI_WIDTH = 1.0  # alpha's 95% CI at most as wide as alpha itself
 # A trial stopped early while its training loss still fell this fast (nats per epoch, over its
 # last `patience` epochs: the trial's `train_loss_slope`): it may have been stopped while learning.
 STILL_FALLING_SLOPE = 0.02
+# What an interval reads where every size has a single seed: resampling one seed gives the same
+# points every time, so a bootstrap interval would have zero width and mean nothing.
+ONE_SEED = "n/a (1 seed)"
+
+
+def one_seed(used: pd.DataFrame) -> bool:
+    """True when no size has two seeds to resample (no interval can be drawn)."""
+    return not used.empty and int(used.groupby("fraction").size().max()) <= 1
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ def _mathlaw(fit: CurveFit) -> str:
     return rf"$\mathrm{{err}}(n) = {law} + {fit.c:.3f}$" if fit.irreducible else rf"$\mathrm{{err}}(n) = {law}$"
 
 
-def _ci_text(fit: CurveFit, boot) -> str:
+def _ci_text(fit: CurveFit, boot, no_interval: str | None = None) -> str:
     """The parameters that carry the law's meaning, with their intervals: alpha and c for the
     power laws, every parameter for the other families."""
     names = [p for p in ("alpha", "c") if p in fit.model.params] if "alpha" in fit.model.params else list(
@@ -71,6 +71,8 @@ def _ci_text(fit: CurveFit, boot) -> str:
         if boot is not None:
             lo, hi = boot.interval(p)
             text += f" [{num(lo)}, {num(hi)}]"
+        elif no_interval:
+            text += f" [{no_interval}]"
         parts.append(text)
     # Two per line: four parameters with intervals on one line would widen the figure past its axes.
     return "\n".join(", ".join(parts[i:i + 2]) for i in range(0, len(parts), 2))
@@ -110,7 +112,7 @@ def plot_scaling(exp: R.Experiment, used: pd.DataFrame, metric: str, result: dic
             ax.fill_between(grid, lo, hi, color=palette[0], alpha=0.18, lw=0, zorder=1,
                             label=f"fit: 95% bootstrap band ({boot.n_ok} resamples of seeds)")
         ax.plot(grid, fit.predict(grid), color=palette[0], lw=2, zorder=3,
-                label=f"fit ({fit.model.name}): {_mathlaw(fit)}\n{_ci_text(fit, boot)}")
+                label=f"fit ({fit.model.name}): {_mathlaw(fit)}\n{_ci_text(fit, boot, result.get('intervals_reason'))}")
     h = result.get("_holdout")
     if h is not None:
         hgrid = np.geomspace(n_all.min(), h.n_heldout, 100)

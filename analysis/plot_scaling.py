@@ -21,24 +21,30 @@ from analysis.curves import MODEL_NAMES  # numpy only: cheap
 from raysweep.errors import RaysweepError, cli_entry
 
 METRICS = ["auto", "test_top5_error", "test_top1_error", "val_top5_error", "val_top1_error"]
+DEFAULT_MODEL = "pow3"  # the law's family unless --model says otherwise (compare: see its --model auto)
 OUTPUTS = ["scaling.png", "scaling.svg", "curves.png", "summary.csv", "fit.json", "report.md"]
 JOINT_OUTPUTS = ["joint.png", "frontier.png"]
 
 
-def analyse(used, metric: str, targets: list[float], n_boot: int, seed: int = 0, model: str = "pow3") -> dict:
+def analyse(used, metric: str, targets: list[float], n_boot: int, seed: int = 0, model: str = DEFAULT_MODEL) -> dict:
     """Fit the law (`model`) to the used trials, check it on held-out sizes, and compare every
-    curve family on the same points; every part that cannot be computed says why instead."""
+    curve family on the same points; every part that cannot be computed says why instead.
+    With one seed at every size there is nothing to resample: no bootstrap, and
+    `intervals_reason` says so (evidence.ONE_SEED)."""
     from analysis import curvefit as CF
+    from analysis import evidence
     from analysis import extrapolation as X
     from analysis import fit as F
 
     n, err, groups = used["n_train"].to_numpy(float), used[metric].to_numpy(float), used["fraction"].to_numpy()
     out: dict = {"metric": metric, "model": model, "fit": None, "no_fit_reason": None, "intervals": None,
                  "plain_fit": None, "holdout": None, "holdout_reason": None, "targets": [], "models": [],
-                 "better_model": None, "bootstrap_seed": seed}
+                 "intervals_reason": None, "better_model": None, "bootstrap_seed": seed}
     if used.empty:
         out["no_fit_reason"] = "no usable trials: every trial was left out of the fit"
         return out
+    if n_boot > 0 and evidence.one_seed(used):
+        n_boot, out["intervals_reason"] = 0, evidence.ONE_SEED
     try:
         boot = CF.bootstrap_curve(model, n, err, groups, n_boot=n_boot, seed=seed) if n_boot > 0 else None
         fit = boot.fit if boot else CF.fit_curve(model, n, err)
@@ -127,7 +133,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="output folder (default: EXPERIMENT_DIR/analysis)")
     p.add_argument("--metric", default="auto", choices=METRICS,
                    help="the error to fit; auto: test top-5 error with >= 50 classes, else top-1")
-    p.add_argument("--model", default="pow3", choices=MODEL_NAMES,
+    p.add_argument("--model", default=DEFAULT_MODEL, choices=MODEL_NAMES,
                    help="the curve family of the reported law (every family is compared either way)")
     p.add_argument("--include-unlearned", action="store_true", help="fit trials that did not learn too")
     p.add_argument("--target-error", type=float, nargs="+", default=[], metavar="X",
@@ -219,9 +225,9 @@ def main(argv=None) -> int:
         print(table.to_string(index=False))
     fit = result.get("_fit")
     print(f"law ({metric}, {args.model}): " + (fit.formula() if fit else f"no fit: {result['no_fit_reason']}"))
-    if fit is not None and result["intervals"] and "alpha" in fit.model.params:
-        lo, hi = result["intervals"]["alpha_ci"]
-        print(f"alpha = {fit.alpha:.3f} (95% CI {lo:.3f} – {hi:.3f}), c = {fit.c:.4f}")
+    if fit is not None and "alpha" in fit.model.params and (result["intervals"] or result["intervals_reason"]):
+        ci = result["intervals_reason"] or "{:.3f} – {:.3f}".format(*result["intervals"]["alpha_ci"])
+        print(f"alpha = {fit.alpha:.3f} (95% CI {ci}), c = {fit.c:.4f}")
     for s in result.get("_targets", []):
         print(s.describe())
     if joint is not None:

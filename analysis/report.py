@@ -34,6 +34,8 @@ def display_table(summary: pd.DataFrame) -> pd.DataFrame:
             if pd.isna(mean):
                 return "–"
             text = f"{100 * mean:.2f}"
+            if r["n_seeds"] == 1:
+                return f"{text} [{evidence.ONE_SEED}]"
             return text if pd.isna(std) else f"{text} ± {100 * std:.2f} [{100 * lo:.2f}, {100 * hi:.2f}]"
         out[f"{m} (%)"] = summary.apply(fmt, axis=1)
     return out
@@ -77,18 +79,22 @@ def _law_section(result: dict) -> list[str]:
         return [f"No fit: {result['no_fit_reason']}"]
     lines = [f"`{fit.formula()}` ({fit.model.name}: {fit.model.describe}; n = training images; "
              f"{fit.n_points} trials at {fit.n_sizes} sizes)"]
-    iv = result["intervals"]
+    iv, no_iv = result["intervals"], result.get("intervals_reason")
     fmt = {"alpha": "{:.3f}", "c": "{:.4f}", "a": "{:.3g}"}
     lines.append("")
     for p in fit.model.params:
         f = fmt.get(p, "{:.4g}")
-        ci = f" (95% CI {f.format(iv[p + '_ci'][0])} – {f.format(iv[p + '_ci'][1])})" if iv else ""
+        ci = f" (95% CI {f.format(iv[p + '_ci'][0])} – {f.format(iv[p + '_ci'][1])})" if iv else \
+            f" (95% CI {no_iv})" if no_iv else ""
         lines.append(f"- {p} = {f.format(getattr(fit, p))}{ci}")
     lines.append(f"- fit quality in log space: RMSE {fit.rmse_log:.4f}, R² {fit.r2_log:.4f}; "
                  f"RMSE {100 * fit.rmse:.2f} points of error")
     if iv:
         lines.append(f"- intervals: percentile bootstrap, {iv['n_boot']} resamples of the seeds within each "
                      f"fraction ({iv['n_failed']} resamples with no fit)")
+    elif no_iv:
+        lines.append(f"- intervals: {no_iv}: every size has a single seed, so there is nothing to resample; "
+                     "more seeds (sweep.seeds) give intervals")
     if fit.c_at_bound:
         lines.append("- c sits at its bound (the smallest error): the data do not pin down the plateau")
     pf = result.get("plain_fit")

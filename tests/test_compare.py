@@ -3,6 +3,7 @@ compare.md, and one-line refusals of experiments that cannot be compared."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from analysis import compare
+from analysis import compare, plot_scaling
 from analysis import results as R
 from analysis.curvefit import fit_curve
 from test_analysis import modern_experiment
@@ -61,6 +62,67 @@ def test_two_sweeps_on_one_figure_with_their_own_numbers(tmp_path, monkeypatch, 
     assert "SGD: err(n) =" in capsys.readouterr().out
 
 
+def _warnings(err: str, label: str | None = None) -> list[str]:
+    """The `code: message` of each warning line (compare names the experiment first)."""
+    head = "raysweep: warning: " + (f"{label}: " if label else "")
+    return [line[len(head):] for line in err.splitlines() if line.startswith(head)]
+
+
+@pytest.mark.parametrize("model, codes", [("pow3", ["few_sizes", "few_seeds"]), ("pow2", ["few_seeds"])])
+def test_compare_raises_the_warnings_plot_scaling_raises_and_no_zero_width_interval(tmp_path, monkeypatch, capsys,
+                                                                                     model, codes):
+    """Two 4-size, 1-seed sweeps, each analysed by plot_scaling (its default pow3, or pow2 as make
+    demo does): compare fits the same family, and prints and writes into compare.md and
+    compare.csv the same warnings plot_scaling printed for each."""
+    fractions = (1.0, 0.5, 0.25, 0.125)
+    exps = {"a": modern_experiment(tmp_path / "a", fractions=fractions, seeds=(0,)),
+            "b": modern_experiment(tmp_path / "b", fractions=fractions, seeds=(0,), noise=0.05)}
+    _serve(monkeypatch, exps)
+    own = {}
+    for name in exps:
+        assert plot_scaling.main([str(tmp_path / name), "--model", model, "--bootstrap", "50"]) == 0
+        out, err = capsys.readouterr()
+        own[name] = _warnings(err)
+        assert "alpha = " in out and "(95% CI n/a (1 seed))" in out
+        report = (tmp_path / name / "analysis" / "report.md").read_text()
+        assert "- alpha = " in report and "(95% CI n/a (1 seed))" in report and "[n/a (1 seed)]" in report
+    assert [w.split(":")[0] for w in own["a"]] == codes, own
+    out_dir = tmp_path / "cmp"
+    assert compare.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out_dir), "--bootstrap", "50"]) == 0
+    out, err = capsys.readouterr()
+    for name in exps:
+        assert _warnings(err, name) == own[name]
+    assert f"law (test_top5_error, {model}: the family of their own reports (analysis/fit.json)):" in out
+    table = pd.read_csv(out_dir / "compare.csv", keep_default_na=False)
+    for name in exps:
+        mine = table[table["experiment"] == name]
+        assert (mine["model"] == model).all()
+        assert set(mine["warnings"]) == {"; ".join(w.split(":")[0] for w in own[name])}
+        assert set(mine["warning_messages"]) == {" | ".join(own[name])}
+        assert set(mine["interval_note"]) == {"n/a (1 seed)"} and set(mine["ci_note"]) == {"n/a (1 seed)"}
+        assert "alpha_ci_low" not in table, "no zero-width interval"
+        assert set(mine["ci_low"]) == {""}
+    md = (out_dir / "compare.md").read_text()
+    for name in exps:
+        for w in own[name]:
+            code, message = w.split(": ", 1)
+            assert f"- **{name}**: **{code}**: {message}" in md
+    assert "[n/a (1 seed)]" in md and f"Law: {model} (the family of their own reports" in md
+
+
+def test_auto_model_falls_back_to_plot_scalings_default(tmp_path, monkeypatch, capsys):
+    exps = _two(tmp_path)
+    _serve(monkeypatch, exps)
+    assert compare.choose_model("auto", list(exps.values())) == (
+        "pow3", "plot_scaling's default; not every experiment has a report (analysis/fit.json)")
+    for name, model in (("sgd", "pow2"), ("adamw", "exp3")):
+        (tmp_path / name / "analysis").mkdir(parents=True)
+        (tmp_path / name / "analysis" / "fit.json").write_text(json.dumps({"model": model}))
+    assert compare.choose_model("auto", list(exps.values()))[1] == (
+        "plot_scaling's default; their reports name different families")
+    assert compare.choose_model("vap3", list(exps.values())) == ("vap3", "--model")
+
+
 @pytest.mark.parametrize("other, message", [
     (dict(classes=10), "different datasets (num_classes 100 vs 10)"),
     (dict(manifest={"data": {"fingerprint": "other"}}), "fingerprint"),
@@ -104,6 +166,8 @@ def test_help_is_fast_and_shows_defaults():
     took = time.monotonic() - start
     text = " ".join(proc.stdout.split())
     assert proc.returncode == 0 and "(default: auto)" in text and "(default: 200)" in text
+    # The whole description, not its first line cut mid-sentence.
+    assert "compare.md, each law with its warnings." in text and "refused in one line." in text
     assert took < 2.0, f"--help took {took:.1f} s"
 
 
