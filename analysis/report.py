@@ -6,14 +6,13 @@ Text only (pandas for the tables); the numbers come from `analysis.plot_scaling.
 
 from __future__ import annotations
 
-import shlex
-
 import pandas as pd
 
 from analysis import evidence
 from analysis import results as R
 from analysis import timing
 from analysis.extrapolation import CLEARLY_FACTOR, CLEARLY_MIN_GAIN
+from raysweep.console import python_command
 from raysweep.trial.model import describe
 
 
@@ -287,8 +286,8 @@ def _reproduce_section(exp: R.Experiment) -> list[str]:
         lines.append(f"git checkout {commit}")
     if m.get("command"):
         lines.append(f"{m['command']}   # as it was run")
-    lines += [f"python -m raysweep.tune --config {shlex.quote(str(exp.path / R.CONFIG_FILE))} "
-              f"--name {shlex.quote(exp.path.name + '-again')}   # the exact resolved config", "```"]
+    lines += [python_command("-m", "raysweep.tune", "--config", exp.path / R.CONFIG_FILE, "--name",
+                             exp.path.name + "-again") + "   # the exact resolved config", "```"]
     return lines
 
 

@@ -23,6 +23,25 @@ def interactive(stream: TextIO | None = None) -> bool:
         return False
 
 
+def python_command(*args: str | os.PathLike) -> str:
+    """A command line for people to paste: `python_command("-m", "analysis.plot_scaling", d)`.
+
+    It names the interpreter running now, whose packages the command needs (a bare `python`
+    is often the system's, without pandas or Ray): `.venv/bin/python` when that is this working
+    directory's venv, else its absolute path. Arguments are shell-quoted.
+    """
+    import shlex
+    from pathlib import Path
+
+    exe = Path(sys.executable)
+    try:
+        here = (Path.cwd() / ".venv").resolve() == Path(sys.prefix).resolve() and exe.parent.name == "bin"
+    except OSError:  # the working directory is gone
+        here = False
+    python = f".venv/bin/{exe.name}" if here else shlex.quote(str(exe))
+    return " ".join([python, *(shlex.quote(str(a)) for a in args)])
+
+
 def format_duration(seconds: float | None) -> str:
     """`75` -> `1:15`, `3725` -> `1:02:05`; None or a negative/inf value -> `?`."""
     if seconds is None or not seconds >= 0 or seconds == float("inf"):

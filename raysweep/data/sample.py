@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from raysweep.data.layout import TOP, find_layout
 from raysweep.data.source import read_labels
+from raysweep.console import python_command
 from raysweep.errors import RaysweepError, cli_entry
 
 
@@ -79,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     for split, rows in taken.items():
         print(f"{split}: {len(rows)} rows (source rows {rows.min()}..{rows.max()})")
     size = sum(f.stat().st_size for f in a.out.rglob("*.parquet"))
-    print(f"wrote {a.out} ({size / 1e6:.2f} MB); command: python -m raysweep.data.sample {' '.join(sys.argv[1:] if argv is None else argv)}")
+    print(f"wrote {a.out} ({size / 1e6:.2f} MB); command: "
+          f"{python_command('-m', 'raysweep.data.sample', *(sys.argv[1:] if argv is None else argv))}")
     return 0
 
 
