@@ -323,6 +323,11 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return raw
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A config file's raw mapping, before defaults and checks (errors name the file)."""
+    return _read_yaml(Path(path))
+
+
 def apply_override(raw: dict[str, Any], assignment: str) -> None:
     """Apply one `section.key=value` to a raw config dict; the value is parsed as YAML."""
     if "=" not in assignment:
@@ -360,10 +365,12 @@ def add_config_args(parser) -> None:
                         help="override one config key, e.g. --set train.lr=0.02 (repeatable)")
 
 
+def flag_assignments(flag_overrides: dict[str, Any] | None) -> list[str]:
+    """The dedicated flags given ({"train.epochs": 5, "sweep.seeds": None}) as `key=value` overrides."""
+    return [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+            for key, value in (flag_overrides or {}).items() if value is not None]
+
+
 def config_from_args(args, flag_overrides: dict[str, Any] | None = None) -> Config:
     """Build the config from `--config`, then `--set`, then the dedicated flags (which win)."""
-    overrides = list(args.overrides)
-    for key, value in (flag_overrides or {}).items():
-        if value is not None:
-            overrides.append(f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}")
-    return load_config(args.config, overrides)
+    return load_config(args.config, list(args.overrides) + flag_assignments(flag_overrides))

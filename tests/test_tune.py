@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -217,6 +218,8 @@ def test_ctrl_c_right_after_a_checkpoint_then_resume_keeps_every_epoch_once(ray_
     resumed = run_cli("raysweep.tune", "--address", ray_cluster, "--storage-path", str(tmp_path),
                       "--name", "intr", "--resume", "--verbose")
     assert "Started training worker group" in resumed.stdout + resumed.stderr  # --verbose: Ray's logs are back
+    # The trial continues from its checkpoint (epoch 2 or a later one) and says so.
+    assert re.search(r"\] resume \(from epoch \d+\) fraction 1 ", resumed.stdout), resumed.stdout
     (trial_dir,) = [p for p in exp.iterdir() if p.name.startswith("run_trial_")]
     rows = [json.loads(ln) for ln in (trial_dir / "result.json").read_text().splitlines() if ln.strip()]
     assert [r["epoch"] for r in rows] == list(range(1, epochs + 1))

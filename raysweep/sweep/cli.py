@@ -18,9 +18,10 @@ from pathlib import Path
 
 from raysweep.cluster.resources import plan_resources
 from raysweep.cluster.connect import start_or_join
-from raysweep.config import Config, add_config_args, config_from_args
+from raysweep.config import Config, add_config_args, config_from_args, flag_assignments
 from raysweep.errors import RaysweepError, cli_entry
 from raysweep.sweep import ray_compat
+from raysweep.sweep.resume import check_resume
 from raysweep.io import atomic_write_json
 from raysweep.sweep.summary import complete_grid, finished_points, format_table, summarize, write_summary
 
@@ -142,11 +143,9 @@ def main(argv: list[str] | None = None) -> int:
             gpt = float(gpt)
         except ValueError:
             raise RaysweepError(f"--gpus-per-trial must be 'auto' or a number, got {gpt!r}") from None
-    cfg = config_from_args(args, {
-        "data.source": args.data, "sweep.fractions": args.fractions, "sweep.seeds": args.seeds,
-        "sweep.widths": args.widths,
-        "train.epochs": args.epochs, "sweep.gpus_per_trial": gpt,
-    })
+    flags = {"data.source": args.data, "sweep.fractions": args.fractions, "sweep.seeds": args.seeds,
+             "sweep.widths": args.widths, "train.epochs": args.epochs, "sweep.gpus_per_trial": gpt}
+    cfg = config_from_args(args, flags)
     if args.num_gpus is not None and args.num_gpus < 0:
         raise RaysweepError(f"--num-gpus must be >= 0, got {args.num_gpus}")
     storage, name = _experiment_dir(cfg, args)
@@ -154,8 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume:
         if not (exp_dir / CONFIG_FILE).is_file():
             raise RaysweepError(f"--resume: {exp_dir} is not a raysweep experiment (no {CONFIG_FILE})")
-        # The stored config wins, so a resumed sweep is the sweep that was started.
-        cfg = Config.from_dict(json.loads((exp_dir / CONFIG_FILE).read_text()))
+        # A resumed sweep is the sweep that was started: options that would change it are refused.
+        stored = json.loads((exp_dir / CONFIG_FILE).read_text())
+        check_resume(exp_dir, stored, args.config, _asked(args, flags))
+        cfg = Config.from_dict(stored)
     elif exp_dir.exists() and any(exp_dir.iterdir()):
         raise RaysweepError(f"experiment {exp_dir} already exists: pass --resume to continue it, "
                             "or choose another --name")
@@ -245,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
 
     done = finished_points(exp_dir, cfg.model.width) if args.resume else set()
     display = SweepDisplay(grid, select_metric(cfg.train.select_metric, prepared.num_classes), quiet=quiet,
-                           done=done, concurrency=plan.max_concurrent_trials, default_width=cfg.model.width)
+                           done=done, concurrency=plan.max_concurrent_trials, default_width=cfg.model.width,
+                           train_runs=exp_dir / TRAIN_RUNS)
     callbacks = [display]
     if args.mlflow:
         from raysweep.sweep.tracking import tune_callback
@@ -309,6 +311,15 @@ def _gpu_shares(cfg: Config, prepared, plan, info: dict, report):
                               gpu_memory_bytes=report.gpu_memory_bytes, trial_bytes=need,
                               max_trials=cfg.sweep.max_concurrent_trials)
     return plan, reserve
+
+
+def _asked(args, flags: dict) -> list[tuple[str, str]]:
+    """Each config change the command line asks for, with how it was written (for --resume)."""
+    names = {"data.source": "--data", "sweep.fractions": "--fractions", "sweep.seeds": "--seeds",
+             "sweep.widths": "--widths", "train.epochs": "--epochs", "sweep.gpus_per_trial": "--gpus-per-trial"}
+    given = {k: v for k, v in flags.items() if v is not None}
+    shown = [f"{names[k]} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in given.items()]
+    return [(o, f"--set {o}") for o in args.overrides] + list(zip(flag_assignments(given), shown))
 
 
 def _data_info(prepared) -> dict:

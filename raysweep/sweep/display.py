@@ -8,9 +8,11 @@ time of the trials that have finished.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
+from pathlib import Path
 from typing import TextIO
 
 from ray.tune import Callback
@@ -26,13 +28,15 @@ def _pct(x) -> str:
 class SweepDisplay(Callback):
     """`plan` maps (fraction, width, seed) -> {"n_train": int, "max_epochs": int, "num_params": int}
     for every grid point; `metric` is the validation error shown (e.g. "val_top1_error"). `quiet`
-    prints nothing. Widths are named in each line when the grid has several."""
+    prints nothing. Widths are named in each line when the grid has several. `train_runs` (the
+    sweep's Train storage) is where a trial that resumes has its checkpoints."""
 
     def __init__(self, plan: dict[tuple[float, float, int], dict], metric: str, *, quiet: bool = False,
                  stream: TextIO | None = None, done: set | None = None, concurrency: int = 1,
-                 default_width: float = 1.0):
+                 default_width: float = 1.0, train_runs: str | Path | None = None):
         self.plan, self.metric, self.default_width = plan, metric, default_width
         self.several_widths = len({k[1] for k in plan}) > 1
+        self.train_runs = Path(train_runs) if train_runs else None
         self.stream = stream or sys.stdout
         self.epochs: dict[str, set[int]] = {}
         self.concurrency = concurrency
@@ -72,14 +76,31 @@ class SweepDisplay(Callback):
         width = len(str(len(self.plan)))
         return f"[{self.number[trial.trial_id]:>{width}}/{len(self.plan)}]"
 
+    def resumes_from(self, trial) -> int | None:
+        """The last epoch in the trial's newest complete checkpoint (its history.json), which its
+        Train run restores from; None for a trial with none (it starts from scratch)."""
+        from raysweep.sweep.trainer import train_run_name
+
+        if self.train_runs is None:
+            return None
+        epochs = []
+        for d in (self.train_runs / train_run_name(trial.trial_id)).glob("checkpoint_*"):
+            try:  # a checkpoint cut short by the stop has no history yet: Train does not restore it
+                history = json.loads((d / "history.json").read_text())
+            except (OSError, ValueError):
+                continue
+            epochs += [int(history[-1]["epoch"])] if history else []
+        return max(epochs, default=None)
+
     # --- Tune's hooks ------------------------------------------------------------------
     def on_trial_start(self, iteration, trials, trial, **info):
         key = self._key(trial)
         self.started.setdefault(key, time.monotonic())
         self.epochs.setdefault(trial.trial_id, set())
         cap = self.plan.get(key, {}).get("max_epochs")
-        self.bar.write(f"{self._tag(trial)} start  {self._label(trial)}  (up to {cap} epochs)" if cap else
-                       f"{self._tag(trial)} start  {self._label(trial)}")
+        epoch = self.resumes_from(trial)
+        what = "start " if epoch is None else f"resume (from epoch {epoch})"
+        self.bar.write(f"{self._tag(trial)} {what} {self._label(trial)}" + (f"  (up to {cap} epochs)" if cap else ""))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         epoch = result.get("epoch")
