@@ -13,7 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from raysweep.console import python_command
 from raysweep.sweep import manifest as M
+
+PY = python_command()  # the interpreter, as printed commands name it
 from raysweep.errors import RaysweepError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,7 +37,7 @@ def test_start_and_finish_record_every_field(tmp_path):
     done = M.finish(exp, status="finished", trials={"TERMINATED": 4})
     on_disk = json.loads((exp / "manifest.json").read_text())
     assert on_disk == done
-    assert on_disk["command"] == "python -m raysweep.tune --config configs/demo.yaml"
+    assert on_disk["command"] == f"{PY} -m raysweep.tune --config configs/demo.yaml"
     assert on_disk["config"] == CFG and on_disk["config_hash"] == M.config_hash(CFG)
     assert on_disk["data"] == DATA and on_disk["model"] == MODEL and on_disk["resources"] == RES
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
@@ -66,9 +69,9 @@ def test_a_resumed_sweep_keeps_its_first_start(tmp_path, monkeypatch):
     resumed = M.finish(exp, status="finished", trials={"TERMINATED": 4})
     assert resumed["started_at"] == "2026-01-01T00:00:00+00:00"
     assert resumed["ended_at"] == "2026-01-02T00:20:00+00:00"
-    assert resumed["command"] == "python -m raysweep.tune --config configs/demo.yaml"  # the original
+    assert resumed["command"] == f"{PY} -m raysweep.tune --config configs/demo.yaml"  # the original
     assert [a["status"] for a in resumed["attempts"]] == ["interrupted", "finished"]
-    assert resumed["attempts"][1]["command"] == "python -m raysweep.tune --resume --name demo-1"
+    assert resumed["attempts"][1]["command"] == f"{PY} -m raysweep.tune --resume --name demo-1"
     assert resumed["wall_time_s"] == pytest.approx(sum(a["wall_time_s"] for a in resumed["attempts"]))
 
 

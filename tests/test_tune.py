@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, run_cli
+from raysweep.console import python_command
 
 PER_EPOCH = ["epoch", "lr", "train_loss", "train_top1_error", "train_top5_error", "val_loss",
              "val_top1_error", "val_top5_error", "images_per_sec", "n_train", "steps", "time_train_s",
@@ -87,7 +88,8 @@ def test_the_default_console_is_the_sweeps_display_not_rays_logs(smoke_experimen
     # The piped (non-terminal) bar prints plain progress lines, and the sweep ends with its table.
     assert any(ln.startswith("sweep: ") and "epochs" in ln and "ETA" in ln for ln in lines)
     table = lines.index(next(ln for ln in lines if ln.split()[:2] == ["fraction", "seed"]))
-    assert table > lines.index(ends[-1]) and lines[-1].startswith("Next: python -m analysis.plot_scaling")
+    assert table > lines.index(ends[-1]) and lines[-1].startswith("Next: ")
+    assert lines[-1] == f"Next: {python_command('-m', 'analysis.plot_scaling', smoke_experiment)}"
 
 
 def test_summary_files(smoke_experiment):
@@ -215,8 +217,13 @@ def test_ctrl_c_right_after_a_checkpoint_then_resume_keeps_every_epoch_once(ray_
     assert "Tuner.restore" not in out + err and "Next:" not in out and "Traceback" not in err
     assert "SIGTERM received" not in err  # Ray's C++ handler's stack dump
 
-    resumed = run_cli("raysweep.tune", "--address", ray_cluster, "--storage-path", str(tmp_path),
-                      "--name", "intr", "--resume", "--verbose")
+    # The printed line, pasted into a shell where no venv is active (only the system's PATH).
+    (line,) = [ln.strip() for ln in out.splitlines() if "--resume --name intr" in ln]
+    assert line == python_command("-m", "raysweep.tune", "--resume", "--name", "intr", "--storage-path",
+                                  tmp_path, "--address", ray_cluster)
+    resumed = subprocess.run(["/bin/sh", "-c", line + " --verbose"], cwd=REPO, capture_output=True, text=True,
+                             timeout=900, env={**os.environ, "PATH": "/usr/bin:/bin", "PYTHONUNBUFFERED": "1"})
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "Started training worker group" in resumed.stdout + resumed.stderr  # --verbose: Ray's logs are back
     # The trial continues from its checkpoint (epoch 2 or a later one) and says so.
     assert re.search(r"\] resume \(from epoch \d+\) fraction 1 ", resumed.stdout), resumed.stdout

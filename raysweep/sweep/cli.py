@@ -18,6 +18,7 @@ from pathlib import Path
 
 from raysweep.cluster.resources import plan_resources
 from raysweep.cluster.connect import start_or_join
+from raysweep.console import python_command
 from raysweep.config import Config, add_config_args, config_from_args, flag_assignments
 from raysweep.errors import RaysweepError, cli_entry
 from raysweep.sweep import ray_compat
@@ -44,6 +45,16 @@ def _experiment_dir(cfg: Config, args) -> tuple[Path, str]:
     return storage, f"{cfg.name}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
+def _examples() -> str:
+    """The --help examples, with the interpreter that runs this (so they run as pasted)."""
+    rows = [(python_command("-m", "raysweep.tune", *cmd.split()), what) for cmd, what in (
+        ("--num-gpus 4", "full recipe, mini-ImageNet"), ("--data /data/mini-imagenet", "a local hub snapshot"),
+        ("--config configs/demo.yaml", "the CPU demo, real photos"),
+        ("--name my-sweep --resume", "continue a stopped sweep"))]
+    width = max(len(cmd) for cmd, _ in rows)
+    return "examples:\n" + "".join(f"  {cmd:<{width}}   # {what}\n" for cmd, what in rows)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m raysweep.tune",
@@ -51,11 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "a model from scratch (AlexNet by default) in a Ray Train TorchTrainer on a stratified "
                     "subset, reports train/val loss and top-1/top-5 error every epoch, and ends with the "
                     "test error of its best-validation checkpoint.",
-        epilog="examples:\n"
-               "  python -m raysweep.tune --num-gpus 4                     # full recipe, mini-ImageNet\n"
-               "  python -m raysweep.tune --data /data/mini-imagenet       # a local hub snapshot\n"
-               "  python -m raysweep.tune --config configs/demo.yaml      # the CPU demo, real photos\n"
-               "  python -m raysweep.tune --name my-sweep --resume         # continue a stopped sweep\n",
+        epilog=_examples(),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)
     p.add_argument("--data", metavar="SOURCE",
@@ -187,7 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     info = start_or_join(address=args.address, num_gpus=local_plan.gpus if local_plan else args.num_gpus,
                          dashboard_host=args.dashboard_host, quiet=not verbose)
-    resume = f"python -m raysweep.tune --resume --name {name} --storage-path {storage}"
+    # What continues this sweep as pasted: the same experiment, cluster and MLflow store.
+    resume = python_command("-m", "raysweep.tune", "--resume", "--name", name, "--storage-path", storage,
+                            *(["--address", args.address] if args.address else []),
+                            *(["--mlflow", args.mlflow] if args.mlflow else []))
     stop_on_sigterm(resume)
     ray_compat.check_version()
     plan = plan_resources(cluster_cpus=info["cpus"], cluster_gpus=info["gpus"],
@@ -287,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
               "out of the fit unless --include-unlearned.")
     print(f"\nSweep wall time: {wall:.1f} s")
     print(f"Experiment directory: {exp_dir}")
-    print(f"Next: python -m analysis.plot_scaling {exp_dir}")
+    print(f"Next: {python_command('-m', 'analysis.plot_scaling', exp_dir)}")
     return 1 if bad else 0
 
 

@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import platform
-import shlex
 import shutil
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from raysweep.console import python_command
 from raysweep.errors import RaysweepError
 from raysweep.io import atomic_write_json
 
@@ -126,7 +126,7 @@ def start(exp_dir, *, argv: list[str], cfg_dict: dict, data_info: dict, model_in
     """
     exp_dir = Path(exp_dir)
     path = exp_dir / FILE
-    command = "python -m raysweep.tune " + shlex.join(str(a) for a in argv)
+    command = python_command("-m", "raysweep.tune", *argv)
     attempt = {"started_at": _now(), "started_unix": time.time(), "ended_at": None, "status": "running",
                "wall_time_s": None, "argv": list(argv), "command": command.strip(),
                "config_hash": config_hash(cfg_dict), "git": git_state(), "environment": environment(),
