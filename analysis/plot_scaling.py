@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     if args.mlflow:
         from raysweep.sweep import tracking
 
-        tracking.check_mlflow()
+        tracking.tracking_uri(args.mlflow)  # installed, and a URI MLflow knows
     import pandas as pd
 
     from analysis import evidence, timing
@@ -243,7 +243,8 @@ def main(argv=None) -> int:
         from raysweep.sweep import tracking
 
         run_id = tracking.log_analysis(args.mlflow, exp.path.name, [out / f for f in outputs], result)
-        print(f"logged to MLflow {args.mlflow}: experiment {exp.path.name!r}, run {run_id}")
+        for line in tracking.notes(args.mlflow, f"the analysis logged as run {run_id} of experiment {exp.path.name!r}"):
+            print(line)
     return 0
 
 

@@ -1,6 +1,7 @@
-"""raysweep.sweep.tracking: MLflow as an optional extra. Read back with MLflow's own client from a
-real local `file:` store: one run per trial, each epoch's metrics, the final test metrics, the
-analysis as a parent run; and a one-line error without MLflow."""
+"""raysweep.sweep.tracking: MLflow as an optional extra. Read back with MLflow's own MlflowClient
+from a real local store, `sqlite:///` (MLflow 3's default; skipped without SQLAlchemy and alembic)
+and `file:`: one run per trial, each epoch's metrics, the final test metrics, the analysis as a
+parent run; the console's notes; and a one-line error without MLflow."""
 
 from __future__ import annotations
 
@@ -18,6 +19,21 @@ from raysweep.errors import RaysweepError
 CFG = {"name": "smoke", "train": {"lr": 1e-4, "epochs": 3}, "sweep": {"fractions": [1.0, 0.5], "seeds": [0]}}
 
 
+SQLITE_MISSING = [m for m in ("sqlalchemy", "alembic") if importlib.util.find_spec(m) is None]
+
+
+@pytest.fixture(params=["sqlite", "file"])
+def store(request, tmp_path) -> str:
+    """A tracking URI of each kind MLflow 3 takes locally."""
+    pytest.importorskip("mlflow")
+    if request.param == "sqlite":
+        if SQLITE_MISSING:
+            pytest.skip(f"a sqlite MLflow store needs {' and '.join(SQLITE_MISSING)} (not installed; "
+                        "see requirements-mlflow.txt)")
+        return f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return f"file:{tmp_path / 'mlruns'}"
+
+
 def _no_mlflow(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
@@ -25,23 +41,33 @@ def _no_mlflow(monkeypatch):
 
 def test_without_mlflow_the_error_is_one_line_saying_how_to_install(monkeypatch, tmp_path, capsys):
     _no_mlflow(monkeypatch)
-    with pytest.raises(RaysweepError, match=r"needs MLflow, which is not installed: pip install 'raysweep\[mlflow\]'"):
+    with pytest.raises(RaysweepError, match=r"needs MLflow, which is not installed: .* -m pip install -r "
+                                            r"requirements-mlflow.txt \(in the raysweep clone\)"):
         T.check_mlflow()
     assert plot_scaling.main([str(tmp_path), "--mlflow", f"file:{tmp_path}/mlruns"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "pip install 'raysweep[mlflow]'" in err[0]
+    assert len(err) == 1 and "-m pip install -r requirements-mlflow.txt" in err[0]
 
 
 def test_tracking_uris(tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
-    assert T._prepare(str(tmp_path / "mlruns")) == (tmp_path / "mlruns").as_uri()
-    assert T._prepare("file:/x/mlruns") == "file:/x/mlruns"
+    assert T.tracking_uri(str(tmp_path / "mlruns")) == (tmp_path / "mlruns").as_uri()
+    assert T.tracking_uri("file:/x/mlruns") == "file:/x/mlruns"
     with pytest.raises(RaysweepError, match="not a tracking URI"):
-        T._prepare("mlruns:abc")
+        T.tracking_uri("mlruns:abc")
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sqlalchemy" else real(name, *a))
-    with pytest.raises(RaysweepError, match="a sqlite store needs the full MLflow"):
-        T._prepare("sqlite:///x.db")
+    with pytest.raises(RaysweepError, match=r"a sqlite store needs SQLAlchemy and alembic; sqlalchemy (and alembic )?(is|are) not installed"):
+        T.tracking_uri("sqlite:///x.db")
+
+
+def test_the_console_says_where_it_logs_and_what_a_file_store_needs(tmp_path):
+    pytest.importorskip("mlflow")
+    (where, note) = T.notes(f"file:{tmp_path}/mlruns", "each trial logged as a run of experiment 'x'")
+    assert where == f"MLflow: each trial logged as a run of experiment 'x' to file:{tmp_path}/mlruns"
+    assert "MLFLOW_ALLOW_FILE_STORE=true" in note and "reading the store back" in note and "sqlite:///" in note
+    if not SQLITE_MISSING:
+        assert T.notes("sqlite:///m.db", "runs") == ["MLflow: runs to sqlite:///m.db"]
 
 
 def test_config_becomes_dotted_params():
@@ -71,8 +97,11 @@ def _epochs(fraction: float, seed: int, epochs=(1, 2, 3)) -> list[dict]:
 
 
 def _check_store(uri: str, experiment: str, expected: dict[tuple, list[dict]]) -> list:
-    """One finished run per trial, with its params, every epoch's metric and the final metrics."""
-    client = T.client(uri)
+    """One finished run per trial, with its params, every epoch's metric and the final metrics,
+    read as a user would: MLflow's own client on the URI."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     assert exp is not None, f"no MLflow experiment {experiment!r} in {uri}"
     runs = [r for r in client.search_runs([exp.experiment_id]) if "raysweep.trial_id" in r.data.tags]
@@ -92,9 +121,8 @@ def _check_store(uri: str, experiment: str, expected: dict[tuple, list[dict]]) -
     return runs
 
 
-def test_one_run_per_trial_and_a_resumed_trial_keeps_its_run(tmp_path):
-    pytest.importorskip("mlflow")
-    uri = f"file:{tmp_path / 'mlruns'}"
+def test_one_run_per_trial_and_a_resumed_trial_keeps_its_run(store):
+    uri = store
     trials = [_Trial("a_00000", 1.0, 0), _Trial("a_00001", 0.5, 0)]
     cb = T.tune_callback(uri, "sweep-a", CFG)
     cb.setup()
@@ -116,11 +144,10 @@ def test_one_run_per_trial_and_a_resumed_trial_keeps_its_run(tmp_path):
     assert runs[0].data.params["train.lr"] == "0.0001"
 
 
-def test_plot_scaling_logs_its_files_as_the_parent_of_the_trial_runs(tmp_path, monkeypatch):
-    pytest.importorskip("mlflow")
+def test_plot_scaling_logs_its_files_as_the_parent_of_the_trial_runs(tmp_path, monkeypatch, store, capsys):
     from test_analysis import modern_experiment
 
-    uri = f"file:{tmp_path / 'mlruns'}"
+    uri = store
     exp = modern_experiment(tmp_path / "sweep-b")
     cb = T.tune_callback(uri, "sweep-b", CFG)
     cb.setup()
@@ -130,6 +157,9 @@ def test_plot_scaling_logs_its_files_as_the_parent_of_the_trial_runs(tmp_path, m
     monkeypatch.setattr(R, "load_experiment", lambda path: exp)
     out = tmp_path / "out"
     assert plot_scaling.main([str(exp.path), "--out", str(out), "--bootstrap", "20", "--mlflow", uri]) == 0
+    printed = capsys.readouterr().out
+    assert f"of experiment 'sweep-b' to {uri}" in printed
+    assert ("MLFLOW_ALLOW_FILE_STORE" in printed) == uri.startswith("file:")
     client = T.client(uri)
     exp_id = client.get_experiment_by_name("sweep-b").experiment_id
     (parent,) = client.search_runs([exp_id], "tags.`raysweep.kind` = 'analysis'")
@@ -142,9 +172,8 @@ def test_plot_scaling_logs_its_files_as_the_parent_of_the_trial_runs(tmp_path, m
 
 
 @pytest.mark.slow
-def test_a_real_tune_run_logs_each_trial(ray_session, tmp_path):
+def test_a_real_tune_run_logs_each_trial(ray_session, tmp_path, store):
     """Ray Tune drives the callback: a function trainable, 2 trials of 3 epochs, no Train."""
-    pytest.importorskip("mlflow")
     from ray import tune
 
     def trainable(config):  # nested, so Ray ships it by value: workers cannot import this test module
@@ -158,7 +187,7 @@ def test_a_real_tune_run_logs_each_trial(ray_session, tmp_path):
                 r.update(test_top1_error=0.25 + s / 100, test_loss=1.1, learned=True, model="alexnet")
             tune.report(r)
 
-    uri = f"file:{tmp_path / 'mlruns'}"
+    uri = store
     tuner = tune.Tuner(trainable, param_space={"fraction": tune.grid_search([1.0, 0.5]), "seed": 0},
                        run_config=tune.RunConfig(name="trk", storage_path=str(tmp_path / "results"), verbose=0,
                                                  callbacks=[T.tune_callback(uri, "trk", CFG)]))

@@ -92,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dashboard-host", default="127.0.0.1",
                    help="interface for the local dashboard (default: 127.0.0.1; 0.0.0.0 exposes it)")
     p.add_argument("--mlflow", metavar="URI",
-                   help="also log every trial as an MLflow run to this tracking URI (e.g. file:./mlruns); "
-                        "needs pip install 'raysweep[mlflow]'")
+                   help="also log every trial as an MLflow run to this tracking URI (e.g. sqlite:///mlflow.db, "
+                        "http://host:5000 or file:./mlruns); needs the MLflow extra (requirements-mlflow.txt)")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--verbose", action="store_true", help="show Ray's own logs too (INFO lines, worker output)")
     out.add_argument("--quiet", action="store_true", help="only errors and the final lines (for scripts)")
@@ -170,9 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     # Every refusal a user can cause comes here, before Ray starts.
     _check_source(cfg)
     if args.mlflow:
-        from raysweep.sweep.tracking import check_mlflow
+        from raysweep.sweep.tracking import tracking_uri
 
-        check_mlflow()
+        tracking_uri(args.mlflow)  # installed, and a URI MLflow knows
     local_plan = None
     if not args.address:
         from raysweep.cluster.resources import plan_local
@@ -260,9 +260,11 @@ def main(argv: list[str] | None = None) -> int:
                            train_runs=exp_dir / TRAIN_RUNS)
     callbacks = [display]
     if args.mlflow:
-        from raysweep.sweep.tracking import tune_callback
+        from raysweep.sweep.tracking import notes, tune_callback
 
         callbacks.append(tune_callback(args.mlflow, name, cfg.to_dict()))
+        for line in [] if quiet else notes(args.mlflow, f"each trial logged as a run of experiment {name!r}"):
+            print(line, flush=True)
     try:
         results = _fit(cfg, prepared, plan, storage, name, resume=args.resume, callbacks=callbacks,
                        verbose=verbose, gpu_setup=gpu_setup)
