@@ -115,9 +115,9 @@ def judge(used: pd.DataFrame, result: dict, config: dict | None = None) -> list[
         if seeds.min() < MIN_SEEDS:
             few = seeds[seeds < MIN_SEEDS]
             where = ", ".join(f"{int(v)} at n = {int(n_):,}" for n_, v in few.items())
-            out.append(Finding("few_seeds", (
-                f"intervals from fewer than {MIN_SEEDS} seeds ({where}): a bootstrap over so few seeds "
-                "understates the spread; add seeds")))
+            why = (f"with one seed at every size there is nothing to resample, so no interval ({ONE_SEED})"
+                   if seeds.max() == 1 else "a bootstrap over so few seeds understates the spread")
+            out.append(Finding("few_seeds", f"intervals from fewer than {MIN_SEEDS} seeds ({where}): {why}; add seeds"))
     steps = trial_steps(used, config) if not used.empty else None
     if steps is not None and sizes.size >= 2:
         per_size = steps.groupby(used["n_train"].astype(float)).median()
