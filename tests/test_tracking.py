@@ -165,6 +165,10 @@ def test_plot_scaling_logs_its_files_as_the_parent_of_the_trial_runs(tmp_path, m
     (parent,) = client.search_runs([exp_id], "tags.`raysweep.kind` = 'analysis'")
     logged = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert logged == set(plot_scaling.OUTPUTS)
+    if uri.startswith("sqlite:"):  # beside the database, not in whatever directory the test runs in
+        assert client.get_experiment(exp_id).artifact_location == (tmp_path / "mlartifacts" / "sweep-b").as_uri()
+        assert {p.name for p in (tmp_path / "mlartifacts" / "sweep-b").rglob("*") if p.is_file()} == set(
+            plot_scaling.OUTPUTS)
     fit = json.loads((out / "fit.json").read_text())["fit"]
     assert parent.data.metrics["law_alpha"] == pytest.approx(fit["alpha"])
     children = client.search_runs([exp_id], "tags.`raysweep.trial_id` != ''")

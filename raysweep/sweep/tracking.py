@@ -73,6 +73,19 @@ def client(uri: str):
     return MlflowClient(tracking_uri=tracking_uri(uri))
 
 
+def experiment_id(mlflow_client, uri: str, name: str) -> str:
+    """The id of experiment `name`, created if new. In a sqlite store its artifacts go beside the
+    database (`mlartifacts/`): MLflow's default, ./mlruns in whatever the working directory is,
+    scatters them over the places a sweep or an analysis happened to be started from."""
+    exp = mlflow_client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):  # sqlite:///rel/path.db or sqlite:////abs/path.db
+        location = (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts" / name).as_uri()
+    return mlflow_client.create_experiment(name, artifact_location=location)
+
+
 def flat_params(cfg_dict: dict, prefix: str = "") -> dict[str, str]:
     """The config as MLflow params: dotted keys (train.lr), values as text."""
     out = {}
@@ -115,8 +128,7 @@ def _callback_class():
 
         def setup(self, *args, **kwargs):
             self._client = client(self.uri)  # a restored sweep runs in a new process
-            exp = self._client.get_experiment_by_name(self.experiment_name)
-            self.experiment_id = exp.experiment_id if exp else self._client.create_experiment(self.experiment_name)
+            self.experiment_id = experiment_id(self._client, self.uri, self.experiment_name)
 
         def _log_params(self, run_id: str, params: dict) -> None:
             from mlflow.entities import Param
@@ -175,8 +187,7 @@ def log_analysis(uri: str, experiment_name: str, files: list[Path], result: dict
     the sweep's experiment, with the law's parameters as metrics; the sweep's trial runs become
     its children. Returns the parent run's id."""
     mlflow_client = client(uri)
-    exp = mlflow_client.get_experiment_by_name(experiment_name)
-    exp_id = exp.experiment_id if exp else mlflow_client.create_experiment(experiment_name)
+    exp_id = experiment_id(mlflow_client, uri, experiment_name)
     run = mlflow_client.create_run(exp_id, run_name=f"{experiment_name}: scaling analysis",
                                    tags={"raysweep.sweep": experiment_name, "raysweep.kind": "analysis"})
     run_id = run.info.run_id
