@@ -483,7 +483,9 @@ def test_the_report_shows_time_and_how_to_reproduce(tmp_path, monkeypatch):
     assert "git checkout 0123abc" in repro and "uncommitted changes" in repro
     assert "python -m raysweep.tune --config configs/demo.yaml   # as it was run" in repro
     assert "fingerprint `f00d`, train 800, test 200" in repro and "(2 attempt(s))" in repro
-    again = f"{sys.executable} -m raysweep.tune --config {exp.path / 'raysweep_config.json'} --name x-again"
+    from raysweep.console import python_command
+
+    again = python_command("-m", "raysweep.tune", "--config", exp.path / "raysweep_config.json", "--name", "x-again")
     assert f"{again}   # the exact resolved config" in repro, "the interpreter that wrote the report, not a bare python"
     doc = json.loads((out / "fit.json").read_text())
     assert [r["fraction"] for r in doc["time"]] == [0.0625, 0.125, 0.25, 0.5, 1.0]
