@@ -108,7 +108,10 @@ def slim_ray(wheel: Path, out: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix="gpu-kit-ray-") as tmp:
         root = Path(tmp)
         with zipfile.ZipFile(wheel) as zf:
-            zf.extractall(root)
+            for info in zf.infolist():  # extractall drops the mode: gcs_server and raylet must stay executable
+                path = Path(zf.extract(info, root))
+                if info.external_attr >> 16:
+                    path.chmod((info.external_attr >> 16) & 0o777)
         full = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
         for part in RAY_DROP:
             shutil.rmtree(root / part)
@@ -139,7 +142,7 @@ def cached_slim_ray(version: str, python_version: str, out_dir: Path, cache: Pat
     (wheel,) = [w for w in wheels.glob(f"ray-{version}-*.whl") if f"-{tag}-" in w.name]
     digest = hashlib.sha256(wheel.read_bytes()).hexdigest()[:16]
     name = f"ray-{version}-{tag}-slim.tar.xz"
-    slim, info_path = cache / f"{digest}-{name}", cache / f"{digest}-{name}.json"
+    slim, info_path = cache / f"{digest}-v2-{name}", cache / f"{digest}-v2-{name}.json"  # v2: modes kept
     if not (slim.exists() and info_path.exists()):
         info = slim_ray(wheel, slim.with_suffix(".tmp"))
         slim.with_suffix(".tmp").replace(slim)

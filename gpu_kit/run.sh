@@ -21,11 +21,14 @@ mkdir -p "$1" && OUT=$(cd "$1" && pwd) || exit 2
 # bench gpu stops starting sub-stages BENCH_LIMIT seconds in; the sweep is 3 trials x 3 epochs.
 B_INSTALL=45 B_GPU=100 B_SYNTH=75 B_PREPARE=60 B_SWEEP=180 B_PROJECT=10 BENCH_LIMIT=80
 if [ $SMOKE = 1 ]; then  # a 2-core CPU: every stage at toy sizes, roomier limits
-    B_INSTALL=120 B_GPU=300 B_SYNTH=120 B_PREPARE=180 B_SWEEP=420 B_PROJECT=60
+    B_INSTALL=120 B_GPU=240 B_SYNTH=120 B_PREPARE=180 B_SWEEP=420 B_PROJECT=60 BENCH_LIMIT=150
 fi
 
 # Everything the run writes goes here or to OUTDIR: caches, Ray's session, HOME-relative files.
 WORK=$(mktemp -d /tmp/raysweep-kit.XXXXXX) || exit 2
+# The install, the data (8 GB decoded at full size) and Ray's results go when the run ends;
+# KEEP_WORK=1 keeps them for a look.
+[ "${KEEP_WORK:-0}" = 1 ] || trap 'rm -rf "$WORK"' EXIT
 export HOME=$WORK/home XDG_CACHE_HOME=$WORK/home/.cache MPLCONFIGDIR=$WORK/home/mpl HF_HOME=$WORK/home/hf \
     PYTHONPYCACHEPREFIX=$WORK/pycache TMPDIR=$WORK/tmp RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP_CONFIG_FILE=/dev/null
@@ -70,7 +73,7 @@ stage_gpu() {
     set -e
     "$PYTHON" "$SRC/gpu_kit/accept.py" preflight
     if [ "$SMOKE" = 1 ]; then
-        "$PYTHON" -m raysweep.bench gpu --cpu-smoke --no-sweep
+        "$PYTHON" -m raysweep.bench gpu --cpu-smoke --no-sweep --limit-s "$BENCH_LIMIT"
     else
         "$PYTHON" -m raysweep.bench gpu --no-sweep --limit-s "$BENCH_LIMIT"
     fi
