@@ -5,7 +5,7 @@
 # Why not rayproject/ray:2.60.0-gpu or nvidia/cuda: the torch and torchvision wheels on
 # PyPI bundle their own CUDA runtime (the nvidia-* wheels), and Ray 2.60 is a pip
 # package, so all the image needs is the Python the project is tested on (3.11) plus
-# requirements.txt. The GPU driver comes from the host through the NVIDIA Container
+# the runtime dependencies at constraints.txt's versions. The GPU driver comes from the host through the NVIDIA Container
 # Toolkit. A CUDA or Ray GPU base would add a second CUDA toolkit (and, for Ray's image,
 # a conda Python) that nothing here uses. Pin a digest too (`@sha256:...`) if you need
 # byte-identical rebuilds.
@@ -25,16 +25,18 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     RAY_USAGE_STATS_ENABLED=0
 
-# Dependencies first, from the same requirements.txt that `make install` uses (through
-# pyproject.toml), so a code edit rebuilds only the layers below this one. Only the runtime
-# pins: no test extras, no pip cache, no compilers (every dependency ships a wheel).
+# Dependencies first: pyproject.toml's runtime ranges at the exact versions of constraints.txt,
+# as `make install` takes them, so a code edit rebuilds only the layers below this one. Only the
+# runtime dependencies: no test extras, no pip cache, no compilers (every dependency ships a wheel).
 # pip reads its source from these build args: unset, PyPI; offline (docker/offline.sh),
 # PIP_NO_INDEX=1 and PIP_FIND_LINKS=<a wheelhouse built on the host, served on its loopback to
 # a `--network host` build>. Build args, not ENV: the image's environment keeps neither.
 ARG PIP_NO_INDEX
 ARG PIP_FIND_LINKS
-COPY requirements.txt /tmp/requirements.txt
-RUN pip install --no-cache-dir -r /tmp/requirements.txt && rm /tmp/requirements.txt
+COPY pyproject.toml constraints.txt /tmp/deps/
+RUN python -c "import tomllib; print(*tomllib.load(open('/tmp/deps/pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
+        > /tmp/deps/runtime.txt \
+    && pip install --no-cache-dir -c /tmp/deps/constraints.txt -r /tmp/deps/runtime.txt && rm -r /tmp/deps
 
 # A non-root user (uid/gid 1000), and the directories the compose file mounts volumes
 # on: a named volume copies this ownership on first use, so the user can write to them.

@@ -5,10 +5,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help install test test-docker demo demo-width bench clean kuberay-validate
+.PHONY: help install lock test test-docker demo demo-width bench clean kuberay-validate gpu-kit gpu-kit-smoke
 
 help:
-	@echo "make install      create $(VENV) and install raysweep (editable) with its test extras"
+	@echo "make install      create $(VENV) and install raysweep (editable) with its test extras, at constraints.txt's versions"
+	@echo "make lock         re-resolve pyproject.toml's ranges into constraints.txt (LOCK_ARGS=\"-c old.txt\" keeps versions)"
+	@echo "make gpu-kit      dist/gpu-kit/: project + slim Ray + missing wheels + run.sh for an offline GPU node (GPU_KIT_PYTHON=3.12)"
+	@echo "make gpu-kit-smoke  the kit built for this Python, installed offline beside torch only, run.sh --cpu-smoke"
 	@echo "make test         run the test suite on the CPU (installs first if needed)"
 	@echo "make demo         a 12-trial sweep on the vendored CIFAR-10 photos (~4 min on 2 cores), then the scaling analysis"
 	@echo "make demo-width   the joint law over data and width: 24 trials on the same photos, then the analysis"
@@ -18,13 +21,22 @@ help:
 	@echo "make docker-build | docker-run ARGS=... | docker-run-cpu | docker-down | docker-logs"
 	@echo "make docker-base-offline | docker-wheelhouse   what offline image builds use"
 
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+# pyproject.toml states ranges; constraints.txt holds the exact versions tested here (pip -c).
+$(STAMP): constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Every package `pip install ".[test]"` resolves to (runtime, mlflow and test extras), pinned.
+LOCK_ARGS ?=
+lock:
+	mkdir -p .cache
+	$(PYTHON) -m pip install --quiet --dry-run --ignore-installed --report .cache/lock-report.json ".[test]" $(LOCK_ARGS)
+	$(PYTHON) gpu_kit/lockfile.py .cache/lock-report.json > constraints.txt
+	@echo "constraints.txt: $$(grep -c '==' constraints.txt) pins"
 
 test: install
 	$(BIN)/python -m pytest -m "not docker" $(PYTEST_ARGS)
@@ -67,6 +79,23 @@ bench: install
 
 clean:
 	rm -rf .cache results .pytest_cache
+
+# --- an offline GPU node with its own PyTorch (README "A GPU node without network") ---------
+GPU_KIT_PYTHON ?= 3.12
+GPU_KIT_DIR    ?= dist/gpu-kit
+gpu-kit:
+	$(PYTHON) gpu_kit/build.py --python-version $(GPU_KIT_PYTHON) --out $(GPU_KIT_DIR)
+
+# The kit for this machine's Python, installed with pip --no-index beside a venv that holds only
+# torch, torchvision and the target's other packages (built once under .cache/), run on the CPU.
+SMOKE_VENV ?= .cache/gpu-kit-smoke/venv
+SMOKE_OUT  ?= .cache/gpu-kit-smoke/out
+gpu-kit-smoke:
+	$(PYTHON) gpu_kit/build.py --python-version $$($(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])') \
+	    --out .cache/gpu-kit-smoke/kit
+	gpu_kit/target-venv.sh $(SMOKE_VENV)
+	rm -rf $(SMOKE_OUT)
+	PYTHON=$(SMOKE_VENV)/bin/python .cache/gpu-kit-smoke/kit/run.sh --cpu-smoke $(SMOKE_OUT)
 
 # --- containers (see README "Running on a GPU cluster") ---------------------
 DOCKER     ?= docker

@@ -3,7 +3,7 @@
 # stand-in base (docker/base-offline.sh) and a wheelhouse built on the host, served on its loopback.
 #   docker/offline.sh build TAG      docker build -t TAG ., offline when needed
 #   docker/offline.sh run CMD...     CMD, with RAYSWEEP_BASE_IMAGE and RAYSWEEP_WHEELHOUSE_URL set when offline
-#   docker/offline.sh wheelhouse     (re)build the wheelhouse from requirements.txt
+#   docker/offline.sh wheelhouse     (re)build the wheelhouse: pyproject.toml's runtime ranges at constraints.txt's pins
 # OFFLINE=auto (default): offline when the Dockerfile's base image is neither present nor pullable
 # (Docker Hub does not answer); OFFLINE=1 / OFFLINE=0 force it. Preparing the offline path builds
 # what is missing: the stand-in (root, debootstrap) and the wheelhouse (with the host's pip config).
@@ -18,6 +18,11 @@ PYTHON=${WHEEL_PYTHON:-python3}
 DOCKER=${DOCKER:-docker}
 
 say() { echo "offline.sh: $*" >&2; }
+# What the image's pip step installs (see the Dockerfile): the runtime ranges, at the lock's pins.
+runtime_requirements() {
+    "$PYTHON" -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')"
+}
+inputs() { runtime_requirements; cat constraints.txt; }
 public_base() { sed -n 's/^ARG BASE_IMAGE=//p' Dockerfile; }
 
 hub_answers() {  # any HTTP answer (401 included) from the registry counts
@@ -47,14 +52,16 @@ wheelhouse() {
     "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || {
         say "the wheelhouse needs the image's Python, 3.11 (WHEEL_PYTHON=$PYTHON is not)"; exit 2; }
     rm -rf "$WHEELHOUSE"
-    "$PYTHON" -m pip wheel --quiet --wheel-dir "$WHEELHOUSE" -r requirements.txt
-    cp requirements.txt "$WHEELHOUSE/.requirements.txt"  # what it was built from
+    mkdir -p "$WHEELHOUSE"
+    runtime_requirements > "$WHEELHOUSE/.runtime.txt"
+    "$PYTHON" -m pip wheel --quiet --wheel-dir "$WHEELHOUSE" -c constraints.txt -r "$WHEELHOUSE/.runtime.txt"
+    inputs > "$WHEELHOUSE/.inputs"  # what it was built from
     say "wheelhouse: $(find "$WHEELHOUSE" -name "*.whl" | wc -l) wheels, $(du -sh "$WHEELHOUSE" | cut -f1)"
 }
 
 prepare() {
     "$DOCKER" image inspect "$OFFLINE_BASE" >/dev/null 2>&1 || docker/base-offline.sh "$OFFLINE_BASE"
-    cmp -s requirements.txt "$WHEELHOUSE/.requirements.txt" || wheelhouse
+    inputs | cmp -s - "$WHEELHOUSE/.inputs" || wheelhouse
 }
 
 # Runs "$@" while the wheelhouse is served on 127.0.0.1:$PORT (pip reads its directory listing).

@@ -34,7 +34,7 @@ CPU_DIFFERENCES = {("ray-worker", "deploy"), ("sweep", "command")}
 
 def _tool(name: str) -> str:
     path = BIN / name
-    assert path.exists(), f"{name} is missing from {BIN}: run `make install` (it is in requirements-dev.txt)"
+    assert path.exists(), f"{name} is missing from {BIN}: run `make install` (it is in the test extra)"
     return str(path)
 
 
@@ -144,36 +144,62 @@ def test_the_entry_point_check_can_fail():
 
 # --- one source of truth for dependencies -------------------------------------------------
 
-def test_image_installs_the_same_pinned_requirements_as_make_install():
+def _pins() -> dict[str, str]:
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version and not any(c in version for c in "<>=!~,;"), f"constraints.txt: {line!r} is not an exact pin"
+            pins[canonicalize_name(name)] = version
+    return pins
+
+
+def test_ranges_in_pyproject_exact_pins_in_constraints_installed_as_pinned():
     from importlib.metadata import requires, version
 
     from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
 
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert "dependencies" not in project.get("dynamic", []), "dependencies are stated in pyproject.toml"
+    pins = _pins()
+    reqs = [Requirement(r) for r in project["dependencies"]]
+    for extra in project["optional-dependencies"].values():
+        reqs += [Requirement(r) for r in extra if not r.startswith("raysweep[")]
+    for req in reqs:
+        name = canonicalize_name(req.name)
+        assert not [s for s in req.specifier if s.operator in ("==", "===")], f"pyproject.toml pins {req}: a range belongs there"
+        assert name in pins, f"{req.name} has no pin in constraints.txt: run make lock"
+        assert req.specifier.contains(pins[name]), f"constraints.txt's {req.name}=={pins[name]} is outside {req}"
+        assert version(req.name) == pins[name], f"installed {req.name} differs from its pin: run make install"
+    # The site-PyTorch floors admit the GPU node's own torch 2.11 and torchvision 0.26.
+    floors = {canonicalize_name(r.name): r.specifier for r in reqs}
+    assert floors["torch"].contains("2.11.0") and floors["torchvision"].contains("0.26.0")
+    # What is installed is what pyproject.toml says (an editable install of this tree).
+    installed = {str(Requirement(r)) for r in requires("raysweep") if "extra ==" not in r}
+    assert installed == {str(Requirement(r)) for r in project["dependencies"]}
+    # make install and CI install the ranges at the pinned versions.
+    assert re.search(r'pip install .*-c constraints\.txt -e "\.\[test\]"', (REPO / "Makefile").read_text())
+
+
+def test_image_installs_the_runtime_ranges_at_the_pinned_versions():
     steps = dockerfile()
     pip = [(i, args) for i, (instr, args) in enumerate(steps) if instr == "RUN" and "pip install" in args]
     assert len(pip) == 1, "the image must install dependencies in one pip step"
     at, args = pip[0]
-    tokens = shlex.split(args.split("&&")[0])
-    assert tokens[:2] == ["pip", "install"], args
-    tokens = tokens[2:]
-    req_path = tokens[tokens.index("-r") + 1]
-    assert [t for t in tokens if not t.startswith("-") and t != req_path] == [], "packages installed outside requirements.txt"
+    # The step lists pyproject.toml's runtime dependencies, then installs them under the lock.
+    assert "['project']['dependencies']" in args and "/tmp/deps/pyproject.toml" in args
+    tokens = shlex.split(args.split("&& pip install", 1)[1].split("&&")[0])
+    assert tokens[tokens.index("-c") + 1] == "/tmp/deps/constraints.txt"
+    assert tokens[tokens.index("-r") + 1] == "/tmp/deps/runtime.txt"
+    assert [t for t in tokens if not t.startswith("-") and not t.startswith("/tmp/deps/")] == [], \
+        "packages installed outside pyproject.toml"
     copies = [a.split() for instr, a in steps[:at] if instr == "COPY"]
-    assert ["requirements.txt", req_path] in copies, "the pip step must read the repo's requirements.txt"
+    assert ["pyproject.toml", "constraints.txt", "/tmp/deps/"] in copies
     source_at = next(i for i, (instr, a) in enumerate(steps) if instr == "COPY" and a.startswith("raysweep/"))
     assert at < source_at, "dependencies must be installed before the source is copied"
-    # make install -> pip install -e ".[test]" -> pyproject.toml -> the same requirements.txt
-    assert re.search(r'pip install .*-e "\.\[test\]"', (REPO / "Makefile").read_text())
-    dynamic = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["dynamic"]
-    assert dynamic["dependencies"] == {"file": ["requirements.txt"]}
-    pins = [Requirement(line) for line in (REPO / "requirements.txt").read_text().splitlines()
-            if line.strip() and not line.startswith("#")]
-    for req in pins:
-        (spec,) = req.specifier  # exactly one pin
-        assert spec.operator == "==", f"{req} is not pinned"
-        assert version(req.name) == spec.version, f"installed {req.name} differs from its pin: run make install"
-    installed = {str(Requirement(r)) for r in requires("raysweep") if "extra ==" not in r}
-    assert installed == {str(r) for r in pins}
     # The image's Python is the one the pins were resolved and tested with here: the public
     # image by default; an offline build replaces BASE_IMAGE (docker/base-offline.sh).
     assert steps[0] == ("ARG", steps[0][1]) and next(a for instr, a in steps if instr == "FROM") == "${BASE_IMAGE}"
@@ -323,12 +349,12 @@ def test_dockerignore_keeps_results_caches_and_secrets_out(tmp_path):
                 if p.strip() and not p.startswith("#")]
     files = [".venv/bin/python", ".git/HEAD", ".notes/COMMON.md", "results/demo/result.json",
              ".cache/raysweep/x.npy", "data/train.parquet", "raysweep/__pycache__/a.pyc",
-             ".pytest_cache/v", "raysweep/tune.py", "configs/smoke.yaml", "requirements.txt"]
+             ".pytest_cache/v", "raysweep/tune.py", "configs/smoke.yaml", "constraints.txt"]
     for f in files:
         (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / f).write_text("x")
     sent = {p for p in exclude_paths(str(tmp_path), patterns) if (tmp_path / p).is_file()}
-    assert sent == {"raysweep/tune.py", "configs/smoke.yaml", "requirements.txt"}
+    assert sent == {"raysweep/tune.py", "configs/smoke.yaml", "constraints.txt"}
     # And everything the Dockerfile copies does reach the daemon.
     matcher = PatternMatcher(patterns)
     for instr, args in dockerfile():
@@ -466,7 +492,9 @@ def test_offline_build_serves_the_wheelhouse_to_a_host_network_build(tmp_path):
     wheelhouse = tmp_path / "wheelhouse"
     wheelhouse.mkdir()
     (wheelhouse / "demo-1.0-py3-none-any.whl").write_bytes(b"PK")
-    shutil.copy(REPO / "requirements.txt", wheelhouse / ".requirements.txt")  # built from these pins
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    inputs = "\n".join(deps) + "\n" + (REPO / "constraints.txt").read_text()  # as offline.sh's inputs()
+    (wheelhouse / ".inputs").write_text(inputs)  # built from these ranges and pins: not rebuilt
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

@@ -30,7 +30,7 @@ import container_files as files
 from container_files import REPO
 
 pytestmark = pytest.mark.docker
-docker = pytest.importorskip("docker", reason="the Docker SDK (`docker` in requirements-dev.txt) is not installed")
+docker = pytest.importorskip("docker", reason="the Docker SDK (`docker` in the test extra) is not installed")
 
 
 def _engine():
