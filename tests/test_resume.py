@@ -89,7 +89,7 @@ def test_a_resumed_trial_says_from_which_epoch(tmp_path):
         if complete:
             (d / "history.json").write_text(json.dumps([{"epoch": e} for e in range(1, epoch + 1)]))
     out = io.StringIO()
-    plan = {(1.0, 0): {"n_train": 200, "max_epochs": 150}, (0.5, 0): {"n_train": 100, "max_epochs": 150}}
+    plan = {(1.0, 1.0, 0): {"n_train": 200, "max_epochs": 150}, (0.5, 1.0, 0): {"n_train": 100, "max_epochs": 150}}
     display = SweepDisplay(plan, "val_top1_error", stream=out, train_runs=runs)
     display.on_trial_start(0, [], SimpleNamespace(trial_id="a", config={"fraction": 1.0, "seed": 0}))
     display.on_trial_start(0, [], SimpleNamespace(trial_id="b", config={"fraction": 0.5, "seed": 0}))
