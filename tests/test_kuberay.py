@@ -266,7 +266,7 @@ def test_image_and_ray_version_are_the_projects(name):
     assert _makefile_image() == compose_image
     for group_name, group in groups(name):
         assert ray_container(group)["image"] == compose_image, group_name
-    ray_pin = re.search(r"^ray\[[^\]]*\]==(\S+)", (REPO / "requirements.txt").read_text(), re.M).group(1)
+    ray_pin = re.search(r"^ray==(\S+)", (REPO / "constraints.txt").read_text(), re.M).group(1)
     assert cluster_spec(name)["rayVersion"] == ray_pin
 
 

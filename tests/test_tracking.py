@@ -30,7 +30,7 @@ def store(request, tmp_path) -> str:
     if request.param == "sqlite":
         if SQLITE_MISSING:
             pytest.skip(f"a sqlite MLflow store needs {' and '.join(SQLITE_MISSING)} (not installed; "
-                        "see requirements-mlflow.txt)")
+                        "see pyproject.toml's mlflow extra)")
         return f"sqlite:///{tmp_path / 'mlflow.db'}"
     return f"file:{tmp_path / 'mlruns'}"
 
@@ -42,12 +42,12 @@ def _no_mlflow(monkeypatch):
 
 def test_without_mlflow_the_error_is_one_line_saying_how_to_install(monkeypatch, tmp_path, capsys):
     _no_mlflow(monkeypatch)
-    with pytest.raises(RaysweepError, match=r"needs MLflow, which is not installed: .* -m pip install -r "
-                                            r"requirements-mlflow.txt \(in the raysweep clone\)"):
+    with pytest.raises(RaysweepError, match=r"needs MLflow, which is not installed: .* -m pip install -c constraints.txt "
+                                            r"-e '\.\[mlflow\]' \(in the raysweep clone\)"):
         T.check_mlflow()
     assert plot_scaling.main([str(tmp_path), "--mlflow", f"file:{tmp_path}/mlruns"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "-m pip install -r requirements-mlflow.txt" in err[0]
+    assert len(err) == 1 and "-m pip install -c constraints.txt -e '.[mlflow]'" in err[0]
 
 
 def test_tracking_uris(tmp_path, monkeypatch):

@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="interface for the local dashboard (default: 127.0.0.1; 0.0.0.0 exposes it)")
     p.add_argument("--mlflow", metavar="URI",
                    help="also log every trial as an MLflow run to this tracking URI (e.g. sqlite:///mlflow.db, "
-                        "http://host:5000 or file:./mlruns); needs the MLflow extra (requirements-mlflow.txt)")
+                        "http://host:5000 or file:./mlruns); needs the MLflow extra (pip install -c constraints.txt -e '.[mlflow]' in the clone)")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--verbose", action="store_true", help="show Ray's own logs too (INFO lines, worker output)")
     out.add_argument("--quiet", action="store_true", help="only errors and the final lines (for scripts)")

@@ -1,4 +1,4 @@
-"""MLflow tracking, an optional extra (requirements-mlflow.txt): one MLflow run per trial, logged
+"""MLflow tracking, an optional extra (pyproject.toml's `mlflow`): one MLflow run per trial, logged
 from a Ray Tune callback through MLflow's public `MlflowClient`, and the analysis's files as a
 parent run.
 
@@ -20,7 +20,7 @@ from raysweep.console import python_command
 from raysweep.errors import RaysweepError
 
 # Run from the raysweep clone: the extra's pins live in its requirements file.
-INSTALL = f"{python_command('-m', 'pip', 'install', '-r', 'requirements-mlflow.txt')} (in the raysweep clone)"
+INSTALL = f"{python_command('-m', 'pip', 'install', '-c', 'constraints.txt', '-e', '.[mlflow]')} (in the raysweep clone)"
 # Tune's own bookkeeping in every result: not metrics of the model.
 TUNE_KEYS = {"training_iteration", "iterations_since_restore", "time_this_iter_s", "time_since_restore",
              "timesteps_total", "episodes_total", "timesteps_since_restore", "timestamp", "pid", "done",
