@@ -129,3 +129,58 @@ def test_trials_train_on_the_workers_and_read_their_data_there(cluster):
     assert len(summary) == 4 and set(summary["status"]) == {"TERMINATED"}
     for col in ["fraction", "seed", "n_train", "best_epoch", "val_top1_error", "test_top1_error", "wall_time_s"]:
         assert summary[col].notna().all(), col
+
+
+def _own_metrics(rows: list[dict]) -> list[dict]:
+    """A trial's rows without Tune's bookkeeping (timestamps, pid, iteration counters)."""
+    tune_keys = {"timestamp", "date", "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip",
+                 "time_since_restore", "iterations_since_restore", "training_iteration", "done", "config"}
+    return [{k: v for k, v in r.items() if k not in tune_keys} for r in rows]
+
+
+def _finished(rows: list[dict]) -> bool:
+    return any("test_top1_error" in r for r in rows)
+
+
+def test_a_host_lost_mid_sweep_costs_only_the_epochs_since_its_checkpoint(cluster):
+    every, epochs = 2, 16
+    name = "lost"
+    # One short trial ends first (12 images); then the kill lands on the host of a trial still
+    # training past a checkpoint.
+    proc = cluster.sweep(name, "--fractions", "1", "0.25", "0.5", "--seeds", "0", "--epochs", str(epochs),
+                         "--set", f"sweep.checkpoint_every={every}", "--set", "sweep.max_failures=2")
+    exp = cluster.experiment(name)
+    victim = killed_host = None
+    try:
+        deadline = time.time() + 240
+        while victim is None and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            try:
+                now = trials(exp)
+            except (OSError, ValueError):  # a line being written
+                continue
+            done = {t: rows for t, rows in now.items() if _finished(rows)}
+            for t, rows in now.items():
+                ckpt = [r["epoch"] for r in rows if r.get("checkpointed")]
+                if done and t not in done and ckpt and rows[-1]["epoch"] <= epochs - 3:
+                    victim, snapshot, finished_before = t, rows, {d: _own_metrics(r) for d, r in done.items()}
+                    killed_host = cluster.host_of[rows[-1]["node_id"]]
+                    break
+        assert victim is not None, "no trial was caught training past a checkpoint after another ended:\n" + \
+            cluster.console(name)[-3000:]
+        hname = next(n for n, ip in cluster.workers.items() if ip == killed_host)
+        killed = cluster.ray.hosts.kill(hname)
+        t_kill = time.time()
+        rc = wait(proc, 240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = cluster.console(name)
+    print(out)
+    assert rc == 0, out[-4000:]
+    k_obs = snapshot[-1]["epoch"]
+    c_obs = max(r["epoch"] for r in snapshot if r.get("checkpointed"))
+    after = trials(exp)
+    print("DEBUG", victim, killed_host, len(killed), k_obs, c_obs, time.time() - t_kill)
+    for t, rows in after.items():
+        print("DEBUG", t, [(r["epoch"], cluster.host_of.get(r["node_id"]), r.get("resumed_from_epoch"), r.get("node_ip"), round(r.get("time_train_s", 0), 2)) for r in rows])
