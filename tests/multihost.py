@@ -31,13 +31,16 @@ RAY = str(Path(sys.executable).parent / "ray")
 GCS_PORT = 6379
 
 
-def unavailable() -> str | None:
-    """Why this machine cannot run the multi-host tests (None if it can)."""
+def unavailable(probe: bool = True) -> str | None:
+    """Why this machine cannot run the multi-host tests (None if it can). With `probe`, also
+    makes (and removes) a namespace with a bridge in it: root in a container may lack the right."""
     if os.geteuid() != 0:
         return "needs root (network namespaces)"
     for tool in ("ip", "unshare", "mount"):
         if not shutil.which(tool):
             return f"needs `{tool}` (iproute2 / util-linux)"
+    if not probe:
+        return None
     probe = f"{PREFIX}{os.getpid()}-probe"
     made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
     if made.returncode != 0:  # e.g. an unprivileged container: no CAP_SYS_ADMIN / CAP_NET_ADMIN
@@ -197,9 +200,14 @@ class RayHosts:
 
     def start_head(self, name: str = "head") -> Host:
         self.head = self.hosts.add(name)
+        # With its dashboard, as `ray start --head` has by default: Ray Train's placement-group
+        # cleaner asks the State API (served by the dashboard) whether a trial's controller still
+        # lives. Without it, the worker placement group of a controller lost with its host was
+        # never removed: Ray moved it onto the surviving worker, where it held the CPU the
+        # trial's retry waited for, for ever.
         self._start(self.head, "--head", f"--port={GCS_PORT}", f"--node-ip-address={self.head.ip}",
                     "--num-cpus=0", "--num-gpus=0", "--object-store-memory=200000000",
-                    "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={self.temp_dir}")
+                    "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={self.temp_dir}")
         return self.head
 
     def add_worker(self, name: str, *, cpus: int = 1, hide: str | None = None) -> Host:
