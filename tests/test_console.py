@@ -113,6 +113,25 @@ def test_a_retried_and_a_failed_trial_each_get_one_line_naming_their_error_file(
     assert d.bar._postfix.startswith("trials 1/2 done")  # the retried trial is not done
 
 
+def test_a_worker_failure_ray_train_retries_gets_one_retry_line(clock):
+    # Train restarts a lost worker inside the same Tune trial: Tune's callbacks hear nothing, the
+    # row after it carries the note (raysweep.sweep.trainer.ForwardReports).
+    plan = {(1.0, 1.0, 0): {"max_epochs": 4, "n_train": 100}}
+    out = io.StringIO()
+    d = SweepDisplay(plan, "val_top1_error", stream=out, concurrency=1)
+    t = trial(1.0, 0)
+    d.on_trial_start(0, [], t)
+    for epoch in (1, 2, 3):
+        d.on_trial_result(0, [], t, {"epoch": epoch})
+    note = "failure 1 of 2 allowed: worker 0 ActorDiedError: The actor died unexpectedly"
+    d.on_trial_result(0, [], t, {"epoch": 1, "worker_failure": note})  # the replay's first row
+    d.on_trial_result(0, [], t, {"epoch": 2})
+    lines = [ln for ln in out.getvalue().splitlines() if "retry" in ln]
+    assert lines == [f"[1/1] retry  fraction 1       seed 0   n_train     100: {note}; "
+                     "Ray Train resumes it from its last checkpoint"]
+    assert d.bar.done == 3  # the replayed epochs are not counted again
+
+
 def test_a_width_grid_names_width_and_parameters_in_each_line(clock):
     plan = {(1.0, w, 0): {"max_epochs": 5, "n_train": 100, "num_params": p}
             for w, p in ((0.25, 1_250_000), (0.5, 4_100_000))}

@@ -153,3 +153,21 @@ def test_the_controller_forwards_every_epoch_of_a_batched_report(tmp_path):
     forward.after_report(None, [pack([{"epoch": 1}, {"epoch": 2}])], None)
     forward.after_report(None, [pack([{"epoch": 3}])], None)
     assert [json.loads(line) for line in path.read_text().splitlines()] == [{"epoch": 1}, {"epoch": 2}, {"epoch": 3}]
+
+
+def test_a_worker_failure_train_retries_rides_on_the_next_epoch_to_tune(tmp_path, monkeypatch):
+    import ray.tune
+
+    reported = []
+    monkeypatch.setattr(ray.tune, "report", reported.append)
+    path = tmp_path / "reports.jsonl"
+    forward = trainer.ForwardReports(str(path), max_failures=1)
+    forward.after_report(None, [pack([{"epoch": 1}, {"epoch": 2}])], None)
+    lost = RuntimeError("The actor died because its node has died.\nNode Id: abc")
+    forward.after_exception(None, {0: lost})  # Train retries: the next row says why
+    forward.after_report(None, [pack([{"epoch": 1}, {"epoch": 2}, {"epoch": 3}])], None)  # replay, then 3
+    forward.after_exception(None, {0: lost})  # past max_failures: Train gives up, Tune reports it
+    trainer._forward_to_tune(path, FitEndsAsItIsAsked(path, []))
+    note = "failure 1 of 1 allowed: worker 0 RuntimeError: The actor died because its node has died."
+    assert reported == [{"epoch": 1}, {"epoch": 2}, {"epoch": 1, trainer.WORKER_FAILURE: note},
+                        {"epoch": 2}, {"epoch": 3}]

@@ -75,14 +75,16 @@ class PreparedData:
         return np.load(self._split_dir(split) / "images.npy", mmap_mode="r")
 
     def dataset(self, split: str, indices=None, *, block_rows: int = 256, num_cpus: float = 0,
-                concurrency: int = 2):
+                concurrency: int = 2, read_node: bool = False):
         """A Ray Dataset with `image` (S, S, 3) uint8 and `label` int64, in cache row order.
 
         `indices` (e.g. a stratified subset) selects rows; they are read directly from the
         memory-mapped cache, so a small subset costs only its own bytes. Read tasks are pinned
         to this node, which is where the cache is known to exist, and reserve no CPU by default
         (they copy pages, and must not starve trials that hold every core); at most
-        `concurrency` run at once.
+        `concurrency` run at once. With `read_node`, each row also carries `read_node`: the id
+        of the node whose task read it, as Ray names it (NODE_ID_BYTES uint8; see node_ids),
+        so a reader can show where its data was really read.
         """
         import ray
 
@@ -104,22 +106,40 @@ class PreparedData:
             ray.init()
         node = ray.get_runtime_context().get_node_id()
         ds = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
-            _read_rows, batch_size=1, fn_kwargs={"split_dir": str(d), "indices": idx},
+            _read_rows, batch_size=1, fn_kwargs={"split_dir": str(d), "indices": idx, "read_node": read_node},
             num_cpus=num_cpus, compute=ray.data.TaskPoolStrategy(size=min(concurrency, len(units))),
             label_selector={"ray.io/node-id": node})
         ds.context.execution_options.preserve_order = True
         return ds
 
 
-def _read_rows(batch: dict[str, np.ndarray], split_dir: str, indices: np.ndarray | None) -> dict[str, np.ndarray]:
+def _read_rows(batch: dict[str, np.ndarray], split_dir: str, indices: np.ndarray | None,
+               read_node: bool = False) -> dict[str, np.ndarray]:
     """Ray Data UDF: copy one block of cache rows (a slice, or a gather by index) from the memmap."""
     images = np.load(os.path.join(split_dir, "images.npy"), mmap_mode="r")
     labels = np.load(os.path.join(split_dir, "labels.npy"), mmap_mode="r")
     start, stop = int(batch["start"][0]), int(batch["stop"][0])
     if indices is None:
-        return {"image": np.array(images[start:stop]), "label": np.array(labels[start:stop])}
-    rows = indices[start:stop]
-    return {"image": images[rows], "label": labels[rows]}
+        out = {"image": np.array(images[start:stop]), "label": np.array(labels[start:stop])}
+    else:
+        rows = indices[start:stop]
+        out = {"image": images[rows], "label": labels[rows]}
+    if read_node:  # 28 bytes a row beside its image (12 KB at 64 px): the node this task ran on
+        import ray
+
+        node = np.frombuffer(bytes.fromhex(ray.get_runtime_context().get_node_id()), dtype=np.uint8)
+        out["read_node"] = np.broadcast_to(node, (len(out["label"]), len(node))).copy()
+    return out
+
+
+NODE_ID_BYTES = 28  # a Ray node id: 28 bytes, 56 hex digits
+
+
+def node_ids(read_node: np.ndarray) -> set[str]:
+    """The node ids (hex, as ray.get_runtime_context().get_node_id() gives them) in a batch's
+    `read_node` column (PreparedData.dataset(read_node=True))."""
+    rows = np.unique(np.asarray(read_node, dtype=np.uint8).reshape(-1, NODE_ID_BYTES), axis=0)
+    return {bytes(r).hex() for r in rows}
 
 
 def cache_key(src: Source, image_size: int, decoder: str, val_fraction: float = 0.1, val_seed: int = 0) -> str:

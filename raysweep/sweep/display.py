@@ -19,6 +19,7 @@ from ray.tune import Callback
 
 from raysweep.console import Progress, format_duration
 from raysweep.sweep.summary import point
+from raysweep.sweep.trainer import WORKER_FAILURE
 
 
 def _pct(x) -> str:
@@ -103,6 +104,9 @@ class SweepDisplay(Callback):
         self.bar.write(f"{self._tag(trial)} {what} {self._label(trial)}" + (f"  (up to {cap} epochs)" if cap else ""))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if result.get(WORKER_FAILURE):  # Ray Train restarts the worker in this same Tune trial
+            self.bar.write(f"{self._tag(trial)} retry  {self._label(trial)}: {result[WORKER_FAILURE]}; "
+                           "Ray Train resumes it from its last checkpoint")
         epoch = result.get("epoch")
         seen = self.epochs.setdefault(trial.trial_id, set())
         if epoch is None or epoch in seen:

@@ -38,19 +38,41 @@ def checkpoint_config(keep: int = 1) -> "ray.train.CheckpointConfig":
     return CheckpointConfig(num_to_keep=max(1, int(keep)))
 
 
+# Where a Train-level retry is announced: the controller writes a line with this key alone; the
+# trial function puts it on the next epoch row it reports to Tune, where the sweep's display
+# reads it (Tune's results are the one way from a trial to the driver).
+WORKER_FAILURE = "worker_failure"
+
+
 class ForwardReports(UserCallback):
     """In Train's controller: append each epoch a report carries (rank 0's metrics, unpacked: see
     raysweep.trial.reporting) as a JSON line to a file the trial function reads. Ray starts the
     controller on the trial function's node, so a local file joins them, and the controller
-    never waits on Tune."""
+    never waits on Tune.
 
-    def __init__(self, path: str):
-        self.path = path
+    A worker that fails (its process died, or its node with it: a lost host) is retried by Train
+    itself, in the same Tune trial, up to `max_failures` times, so Tune sees no failure and its
+    callbacks say nothing. Each failure is passed on as a WORKER_FAILURE line, once per failure."""
 
-    def after_report(self, run_context, metrics, checkpoint) -> None:
-        lines = "".join(json.dumps(row, default=str) + "\n" for row in unpack(metrics[0]))
+    def __init__(self, path: str, max_failures: int = 0):
+        self.path, self.max_failures, self.failures = path, max_failures, 0
+
+    def _append(self, rows) -> None:
+        lines = "".join(json.dumps(row, default=str) + "\n" for row in rows)
         with open(self.path, "a") as f:
             f.write(lines)
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        self._append(unpack(metrics[0]))
+
+    def after_exception(self, run_context, worker_exceptions) -> None:
+        self.failures += 1
+        if self.failures > self.max_failures:  # Train gives up: Tune sees the error and says so
+            return
+        rank, err = min(worker_exceptions.items(), key=lambda kv: kv[0])
+        what = (str(err).strip().splitlines() or [""])[0].strip()
+        self._append([{WORKER_FAILURE: f"failure {self.failures} of {self.max_failures} allowed: worker "
+                                       f"{rank} {type(err).__name__}: {what}"[:300]}])
 
 
 def train_run_name(trial_id: str) -> str:
@@ -64,7 +86,7 @@ def _forward_to_tune(path: Path, fitting) -> None:
     (the thread running fit()) has ended and the file is read to its end."""
     import ray.tune
 
-    pending = ""
+    pending, note = "", None
     with open(path) as f:
         while True:
             done = not fitting.is_alive()  # before the read: every report fit() wrote is in it
@@ -72,7 +94,13 @@ def _forward_to_tune(path: Path, fitting) -> None:
             pending += chunk
             *lines, pending = pending.split("\n")
             for line in lines:
-                ray.tune.report(json.loads(line))
+                row = json.loads(line)
+                if set(row) == {WORKER_FAILURE}:  # rides on the next epoch row (a replayed one, often)
+                    note = row
+                    continue
+                if note:
+                    row, note = {**row, **note}, None
+                ray.tune.report(row)
             if not chunk:
                 if done:
                     return
@@ -180,7 +208,7 @@ def run_trial(params: dict, *, cfg_dict: dict, prepared, plan, train_storage: st
         name=name,
         storage_path=train_storage,
         worker_runtime_env={"env_vars": worker_env_vars(_worker_threads(cfg, plan), plan.use_gpu)},
-        callbacks=[ForwardReports(reports)],
+        callbacks=[ForwardReports(reports, max_failures=cfg.sweep.max_failures)],
         checkpoint_config=checkpoint_config(cfg.sweep.keep_checkpoints),
         failure_config=ray.train.FailureConfig(max_failures=cfg.sweep.max_failures),
     )

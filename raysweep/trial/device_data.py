@@ -10,14 +10,17 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from raysweep.data.cache import node_ids
 from raysweep.errors import RaysweepError
 
 
 class DeviceSplit:
-    """A split held on the device: uint8 NHWC images and int64 labels, in cache order."""
+    """A split held on the device: uint8 NHWC images and int64 labels, in cache order.
+    `read_nodes`: the ids of the nodes that read it, where its rows said (`read_node`)."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, read_nodes: set[str] | None = None):
         self.images, self.labels = images, labels
+        self.read_nodes = read_nodes or set()
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -56,17 +59,20 @@ class StreamSplit:
 
 
 def load_split(source, n: int, device: torch.device, chunk: int = 1024) -> DeviceSplit:
-    """Copy a Ray Data split (Dataset or DataIterator, <= n rows) into device tensors, in order.
+    """Copy a Ray Data split (Dataset or DataIterator, <= n rows) into device tensors, in order,
+    noting the nodes that read it where the rows carry `read_node` (PreparedData.dataset).
 
     The tensors are allocated once at full size, so loading never needs twice the memory.
     """
     images = labels = None
-    filled = 0
+    filled, read_nodes = 0, set()
     for batch in source.iter_batches(batch_size=chunk, batch_format="numpy", prefetch_batches=4):
         with warnings.catch_warnings():  # Ray's arrays are read-only; they are only copied from
             warnings.simplefilter("ignore", UserWarning)
             x = torch.from_numpy(np.ascontiguousarray(batch["image"], dtype=np.uint8))
             y = torch.from_numpy(np.asarray(batch["label"], dtype=np.int64))
+        if "read_node" in batch:
+            read_nodes |= node_ids(batch["read_node"])
         if images is None:
             images = torch.empty((n, *x.shape[1:]), dtype=torch.uint8, device=device)
             labels = torch.empty(n, dtype=torch.int64, device=device)
@@ -77,4 +83,4 @@ def load_split(source, n: int, device: torch.device, chunk: int = 1024) -> Devic
         filled += len(x)
     if not filled:
         raise RaysweepError("a data split is empty: nothing to train or evaluate on")
-    return DeviceSplit(images[:filled], labels[:filled])
+    return DeviceSplit(images[:filled], labels[:filled], read_nodes)

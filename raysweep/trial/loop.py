@@ -82,8 +82,10 @@ def train_loop_per_worker(config: dict) -> None:
         if history:  # this attempt's Tune files may lack them; the trial logs drop repeats
             reporter.send(history)
     del state, best_saved
-    static = {**clock.startup(t_data, time.time() - t_data), **_where(), "n_train": int(config["n_train"]),
-              "world_size": world}
+    # resumed_from_epoch: the checkpoint this attempt started from (0: the start), so a retry
+    # shows which epochs it ran again.
+    static = {**clock.startup(t_data, time.time() - t_data), **_where(splits), "resumed_from_epoch": start - 1,
+              "n_train": int(config["n_train"]), "world_size": world}
     cadence = CheckpointCadence(config, runner)
     outbox = Outbox(reporter)
 
@@ -161,12 +163,17 @@ def _cpu_threads(tc: TrainConfig) -> int:
     return max(1, int(cpus))
 
 
-def _where() -> dict[str, str]:
-    """The node this worker trains on, as Ray names it (the multi-host checks read it)."""
+def _where(splits: dict) -> dict[str, str]:
+    """The node this worker trains on, as Ray names it, and the nodes whose read tasks loaded
+    its resident splits (the cache is read on the worker's own node: PreparedData.dataset).
+
+    Its address is `worker_ip`: Tune fills in `node_ip` of every result itself, with the
+    address of the node of the trial's Tune actor, over whatever the trial reported."""
     import ray
 
-    rc = ray.get_runtime_context()
-    return {"node_id": rc.get_node_id(), "node_ip": ray.util.get_node_ip_address()}
+    read = set().union(*(getattr(s, "read_nodes", set()) for s in splits.values()))
+    return {"node_id": ray.get_runtime_context().get_node_id(), "worker_ip": ray.util.get_node_ip_address(),
+            "data_node_ids": ",".join(sorted(read))}
 
 
 class AttemptClock:
@@ -229,7 +236,9 @@ def _load_data(config: dict, rank: int, world: int, device: torch.device, tc: Tr
         resident = agree_on_residency(resident)
     splits = {}
     for name, n in rows.items():
-        ds = prepared.dataset(name, indices=indices[name])
+        # A split read once notes where its read tasks ran (28 bytes a row); a streamed one,
+        # read every epoch, does not carry that along.
+        ds = prepared.dataset(name, indices=indices[name], read_node=resident[name])
         splits[name] = load_split(ds, n, device) if resident[name] else StreamSplit(ds, n, device)
     return splits
 
