@@ -19,8 +19,22 @@ CLEARLY_FACTOR = 2.0
 CLEARLY_MIN_GAIN = 0.01
 
 
+class HeldOutMisses:
+    """What a held-out check's predictions missed by (`predicted_each`, `observed_each`): one
+    home for the one-axis checks here and the joint law's (analysis.joint)."""
+
+    @property
+    def errors(self) -> np.ndarray:
+        """predicted - observed at each held-out point, in error units."""
+        return np.array(self.predicted_each) - np.array(self.observed_each)
+
+    @property
+    def mean_abs_error(self) -> float:
+        return float(np.mean(np.abs(self.errors)))
+
+
 @dataclass(frozen=True)
-class Extrapolation:
+class Extrapolation(HeldOutMisses):
     """The curve fitted without the `held` largest sizes, judged on how well it predicts them.
 
     `sizes`, `observed` (mean error over each held-out size's trials) and `predicted` run from
@@ -31,15 +45,6 @@ class Extrapolation:
     observed_each: tuple[float, ...]
     predicted_each: tuple[float, ...]
     fit: CurveFit
-
-    @property
-    def errors(self) -> np.ndarray:
-        """predicted - observed at each held-out size, in error units."""
-        return np.array(self.predicted_each) - np.array(self.observed_each)
-
-    @property
-    def mean_abs_error(self) -> float:
-        return float(np.mean(np.abs(self.errors)))
 
     @property
     def n_heldout(self) -> float:

@@ -23,6 +23,7 @@ import numpy as np
 
 from analysis.curvefit import LEVEL, _interval, resamples
 from analysis.curves import check_points
+from analysis.extrapolation import HeldOutMisses
 from raysweep.errors import RaysweepError
 
 PARAMS = ("a", "alpha", "b", "beta", "c")
@@ -291,7 +292,7 @@ def bootstrap_joint(n, m, err, eps0: float | None = None, n_boot: int = 1000, se
 
 
 @dataclass(frozen=True)
-class JointHoldout:
+class JointHoldout(HeldOutMisses):
     """The law fitted without the largest n (axis "n", at every width) or without the widest model
     (axis "m", at every n), judged on the held-out cells as the one-axis zoo judges: the mean
     |predicted - measured mean| over them, in error units (x100: points)."""
@@ -302,14 +303,6 @@ class JointHoldout:
     observed_each: tuple[float, ...]
     predicted_each: tuple[float, ...]
     fit: JointFit
-
-    @property
-    def errors(self) -> np.ndarray:
-        return np.array(self.predicted_each) - np.array(self.observed_each)
-
-    @property
-    def mean_abs_error(self) -> float:
-        return float(np.mean(np.abs(self.errors)))
 
     @property
     def max_abs_error(self) -> float:
