@@ -109,7 +109,11 @@ def ray_cluster():
     common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0",
               "--object-store-memory=1500000000", "--disable-usage-stats"]
     try:
-        _ray("start", "--head", f"--port={port}", f"--temp-dir={tmp}", "--include-dashboard=false",
+        # With its dashboard, as a sweep's own cluster and the compose head have it: Ray Train's
+        # stock placement-group cleaner asks the dashboard's State API whether a dead trial's
+        # controller lives, and without it the trial's placement group (and its CPUs) leaked, so
+        # a later trial waited for them for ever.
+        _ray("start", "--head", f"--port={port}", f"--temp-dir={tmp}", "--include-dashboard=true",
              f"--dashboard-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
              *common, env=env)
         _ray("start", f"--address={address}", *common, env=env)
