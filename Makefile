@@ -5,14 +5,16 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help install lock test test-multihost test-docker demo demo-width bench clean kuberay-validate gpu-kit gpu-kit-smoke
+.PHONY: help install lock test test-e2e test-all test-multihost test-docker demo demo-width bench clean kuberay-validate gpu-kit gpu-kit-smoke
 
 help:
 	@echo "make install      create $(VENV) and install raysweep (editable) with its test extras, at constraints.txt's versions"
 	@echo "make lock         re-resolve pyproject.toml's ranges into constraints.txt (LOCK_ARGS=\"-c old.txt\" keeps versions)"
 	@echo "make gpu-kit      dist/gpu-kit/: project + slim Ray + missing wheels + run.sh for an offline GPU node (GPU_KIT_PYTHON=3.12)"
 	@echo "make gpu-kit-smoke  the kit built for this Python, installed offline beside torch only, run.sh --cpu-smoke"
-	@echo "make test         run the test suite on the CPU (installs first if needed)"
+	@echo "make test         the unit tests and a real smoke sweep on the CPU (installs first if needed; ~6 min)"
+	@echo "make test-e2e     the end-to-end Ray runs marked slow: resume, killed driver, DDP, stock Ray (~12 min)"
+	@echo "make test-all     both tiers in one pytest run"
 	@echo "make demo         a 12-trial sweep on the vendored CIFAR-10 photos (~4 min on 2 cores), then the scaling analysis"
 	@echo "make demo-width   the joint law over data and width: 24 trials on the same photos, then the analysis"
 	@echo "make bench        decode, training-loop and Ray-overhead benchmarks (ratios measured side by side)"
@@ -41,7 +43,16 @@ lock:
 
 # The multi-host tests take minutes (three Ray nodes, three sweeps): their own target, which
 # .ci/run calls too.
+# Two tiers, both on the CPU and both run by .ci/run: `make test` (unit tests and one real smoke
+# sweep through a Ray cluster, under 8 min of pytest on 2 cores) and `make test-e2e` (the tests
+# marked slow: interrupt and resume, a killed driver, a failed worker, two-worker DDP, stock Ray).
 test: install
+	$(BIN)/python -m pytest -m "not slow and not docker and not multihost" $(PYTEST_ARGS)
+
+test-e2e: install
+	$(BIN)/python -m pytest -m "slow and not docker and not multihost" $(PYTEST_ARGS)
+
+test-all: install
 	$(BIN)/python -m pytest -m "not docker and not multihost" $(PYTEST_ARGS)
 
 # A Ray head and two workers, each a network namespace on a bridge (tests/multihost.py): needs

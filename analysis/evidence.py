@@ -23,8 +23,8 @@ MIN_SPAN = 8.0  # largest / smallest size: at least three doublings
 MIN_SEEDS = 3  # seeds per size behind a bootstrap interval
 STEPS_RATIO = 2.0  # optimizer steps, most / fewest, across sizes
 ALPHA_CI_WIDTH = 1.0  # alpha's 95% CI at most as wide as alpha itself
-# A trial stopped early while its training loss still fell this fast (nats per epoch, over its
-# last `patience` epochs: the trial's `train_loss_slope`): it may have been stopped while learning.
+# A trial stopped early while its training loss still fell this fast (nats per epoch, the stop
+# rule's least-squares slope: the trial's `train_loss_slope`): it may have been stopped while learning.
 STILL_FALLING_SLOPE = 0.02
 # What an interval reads where every size has a single seed: resampling one seed gives the same
 # points every time, so a bootstrap interval would have zero width and mean nothing.

@@ -86,10 +86,14 @@ class TrainConfig:
     # - the select metric smoothed as an exponential moving average, this weight on the past
     #   (0 = raw): a small validation split's epoch-to-epoch noise no longer sets the pace;
     # - and no stop (or lr drop) while the training loss still falls faster than this many nats
-    #   per epoch over the last `patience` epochs: a large subset is not stopped while it is
-    #   still learning. 0 = off.
+    #   per epoch, its least-squares slope over the last max(6, 2 x patience) epochs: a large
+    #   subset is not stopped while it is still learning. 0 = off;
+    # - while it falls, the patience in epochs is stop_loss_patience times longer, then the trial
+    #   stops anyway: a validation error flat that long with a falling training loss is memorising,
+    #   not learning. 0 = wait as long as the loss falls.
     val_smoothing: float = 0.5
     stop_loss_slope: float = 0.02
+    stop_loss_patience: float = 4.0
     # The validation error that picks the tested checkpoint and drives early stopping.
     # "auto": val_top5_error with 50 or more classes, else val_top1_error (raysweep.trial.metrics).
     select_metric: Literal["auto", "val_top1_error", "val_top5_error", "val_loss"] = "auto"
@@ -283,6 +287,8 @@ def validate(cfg: Config) -> None:
         raise RaysweepError(f"config key 'train.dropout' must be in [0, 1), got {cfg.train.dropout}")
     if not 0.0 <= cfg.train.val_smoothing < 1.0:
         raise RaysweepError(f"config key 'train.val_smoothing' must be in [0, 1), got {cfg.train.val_smoothing}")
+    if cfg.train.stop_loss_patience < 0:
+        raise RaysweepError(f"config key 'train.stop_loss_patience' must be >= 0, got {cfg.train.stop_loss_patience}")
     if cfg.train.stop_loss_slope < 0:
         raise RaysweepError(f"config key 'train.stop_loss_slope' must be >= 0, got {cfg.train.stop_loss_slope}")
     if not 0.0 < cfg.train.crop_scale_min <= 1.0:

@@ -56,14 +56,16 @@ def test_irreducible_fit_beats_the_line_on_a_curved_law():
 def test_bootstrap_interval_covers_the_true_alpha_in_most_draws():
     n = np.repeat(50_000 * 2.0 ** -np.arange(6), 4)  # 6 fractions x 4 seeds
     covered, widths = 0, []
-    for draw in range(50):
+    for draw in range(30):
         rng = np.random.default_rng(1000 + draw)
         err = law(n) * np.exp(rng.normal(0, 0.02, n.size))
-        boot = bootstrap_fit(n, err, n_boot=50, seed=draw)
+        boot = bootstrap_fit(n, err, n_boot=40, seed=draw)
         lo, hi = boot.interval("alpha")
         covered += lo <= 0.35 <= hi
         widths.append(hi - lo)
-    assert covered >= 40, f"95% interval covered the true alpha in only {covered}/50 draws"
+    # A 95% interval from 40 resamples of 4 seeds is somewhat narrow; 24 of 30 (80%) still
+    # separates it from an interval that misses often. COVERED_NOTE
+    assert covered >= 24, f"95% interval covered the true alpha in only {covered}/30 draws"
     assert np.median(widths) < 0.25  # an interval as wide as the prior would cover trivially
 
 

@@ -103,7 +103,7 @@ def train_loop_per_worker(config: dict) -> None:
                 runner.drop_lr(tc.step_gamma)
             stop = decision == "stop"
             last = stop or epoch == max_epochs
-            save, ready = last or cadence.due(epoch), outbox.ready()
+            save, ready = last or cadence.due(epoch, outbox.reporter.idle()), outbox.ready()
             if world > 1:  # rank 0 decides for every rank, or a collective (or report) would hang
                 stop, last, save, ready = _agree(device, stop, last, save, ready)
 
@@ -261,10 +261,14 @@ class CheckpointCadence:
         self.cost = state_bytes * copies / ASSUMED_WRITE_BYTES_S
         self.last = time.perf_counter()
 
-    def due(self, epoch: int) -> bool:
+    def due(self, epoch: int, idle: bool) -> bool:
+        """`idle`: the last report has been collected. An automatic checkpoint waits for that:
+        a report with a checkpoint goes at once, and Train's one-slot report queue is emptied
+        once per controller poll (every 2 s in Ray 2.60), so a checkpoint sent while a report
+        is out held the loop until the next poll: short epochs ran at one per poll."""
         if self.every > 0:
             return epoch % self.every == 0
-        return time.perf_counter() - self.last >= self.cost / CHECKPOINT_SHARE
+        return idle and time.perf_counter() - self.last >= self.cost / CHECKPOINT_SHARE
 
     def saved(self, seconds: float) -> None:
         self.cost, self.last = seconds, time.perf_counter()

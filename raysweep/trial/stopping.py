@@ -7,8 +7,13 @@ A plateau is judged the same way for every subset size:
   epochs, nor for `patience` passes' worth of steps over the whole training split (a 1/16
   subset's epoch is a handful of steps, too few to call it converged);
 - and never while the training loss still falls faster than `train.stop_loss_slope` nats per
-  epoch, over the last `patience` epochs: a large subset is not stopped while it is still
-  learning (a small one reaches that point sooner, and its epochs are cheap).
+  epoch: a large subset is not stopped while it is still learning (a small one reaches that
+  point sooner, and its epochs are cheap). The fall is the least-squares slope over the last
+  `loss_window(patience)` epochs, max(6, 2 x patience): an augmented epoch's training loss is
+  noisy, and two endpoints a few epochs apart can show a flat loss that a longer fit does not.
+  The wait is bounded: while the loss falls, the patience in epochs is `train.stop_loss_patience`
+  times longer (4: 12 epochs for patience 3), after which a trial whose validation error has
+  not improved is memorising its subset, not learning, and stops (0: no bound).
 
 Pure: it sees each epoch's metrics and the optimizer's step count, and knows nothing of torch
 or Ray. Its state travels in checkpoints (`state_dict`).
@@ -25,6 +30,11 @@ def rank_key(m: dict[str, float], metric: str) -> tuple[float, ...]:
     """Order of epochs by quality: the select metric decides; ties (common on small sets) go to
     top-1, then loss. A NaN (diverged) epoch is never the best."""
     return tuple(math.inf if math.isnan(v) else v for v in (m[metric], m["val_top1_error"], m["val_loss"]))
+
+
+def loss_window(patience: int) -> int:
+    """How many recent epochs the training loss's slope is fitted over."""
+    return max(6, 2 * patience)
 
 
 class StopRule:
@@ -46,7 +56,7 @@ class StopRule:
             self.smooth = value if self.smooth is None else a * self.smooth + (1 - a) * value
             if self.smooth < self.smooth_best:
                 self.smooth_best, self.smooth_epoch, self.smooth_step = self.smooth, epoch, steps
-        self.losses = [*self.losses, (epoch, steps, float(metrics["train_loss"]))][-(self.tc.patience + 1):]
+        self.losses = [*self.losses, (epoch, steps, float(metrics["train_loss"]))][-loss_window(self.tc.patience):]
         self.slope = self._slope()
         if self.best is not None and not rank_key(metrics, self.metric) < rank_key(self.best, self.metric):
             return False
@@ -55,10 +65,16 @@ class StopRule:
         return True
 
     def _slope(self) -> float:
-        if len(self.losses) < 2:
+        """The loss's fall per epoch (positive while it falls), fitted by least squares over the
+        window; NaN until the window holds 3 finite epochs, and then the rule waits."""
+        points = [(e, x) for e, _, x in self.losses if math.isfinite(x)]
+        if len(points) < 3:
             return math.nan
-        (e0, _, l0), (e1, _, l1) = self.losses[0], self.losses[-1]
-        return (l0 - l1) / (e1 - e0) if e1 > e0 else math.nan
+        n = len(points)
+        me = sum(e for e, _ in points) / n
+        mx = sum(x for _, x in points) / n
+        see = sum((e - me) ** 2 for e, _ in points)
+        return -sum((e - me) * (x - mx) for e, x in points) / see if see > 0 else math.nan
 
     def still_learning(self) -> bool:
         """The training loss still falls faster than train.stop_loss_slope per epoch."""
@@ -67,9 +83,11 @@ class StopRule:
     def decide(self, epoch: int, steps: int) -> str:
         """"go", "drop_lr" (the caller lowers it) or "stop", after `improved` for this epoch."""
         tc = self.tc
-        if not (tc.patience and epoch - max(self.smooth_epoch, self.last_drop) >= tc.patience
-                and steps - max(self.smooth_step, self.drop_step) >= tc.patience * self.pass_steps
-                and not self.still_learning()):
+        waited = epoch - max(self.smooth_epoch, self.last_drop)
+        if not (tc.patience and waited >= tc.patience
+                and steps - max(self.smooth_step, self.drop_step) >= tc.patience * self.pass_steps):
+            return "go"
+        if self.still_learning() and not (tc.stop_loss_patience and waited >= tc.stop_loss_patience * tc.patience):
             return "go"
         if tc.schedule == "plateau" and self.drops < tc.plateau_drops:
             self.drops, self.last_drop, self.drop_step = self.drops + 1, epoch, steps
