@@ -12,6 +12,8 @@ set -uo pipefail
 
 KIT=$(cd "$(dirname "$0")" && pwd)
 PYTHON=${PYTHON:-python3}
+# A path (not a command name) is made absolute: the stages run from the unpacked project.
+case $PYTHON in */*) PYTHON=$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON") || exit 2 ;; esac
 SMOKE=0
 [ "${1:-}" = "--cpu-smoke" ] && { SMOKE=1; shift; }
 [ $# = 1 ] || { echo "usage: [PYTHON=python3] $0 [--cpu-smoke] OUTDIR" >&2; exit 2; }
@@ -21,7 +23,7 @@ mkdir -p "$1" && OUT=$(cd "$1" && pwd) || exit 2
 # bench gpu stops starting sub-stages BENCH_LIMIT seconds in; the sweep is 3 trials x 3 epochs.
 B_INSTALL=45 B_GPU=100 B_SYNTH=75 B_PREPARE=60 B_SWEEP=180 B_PROJECT=10 BENCH_LIMIT=80
 if [ $SMOKE = 1 ]; then  # a 2-core CPU: every stage at toy sizes, roomier limits
-    B_INSTALL=120 B_GPU=240 B_SYNTH=120 B_PREPARE=180 B_SWEEP=420 B_PROJECT=60 BENCH_LIMIT=150
+    B_INSTALL=120 B_GPU=240 B_SYNTH=120 B_PREPARE=240 B_SWEEP=480 B_PROJECT=60 BENCH_LIMIT=150
 fi
 
 # Everything the run writes goes here or to OUTDIR: caches, Ray's session, HOME-relative files.

@@ -93,6 +93,7 @@ def test_the_early_check_does_not_hash(synthetic_dir, hashes):
     assert resolve_source(str(synthetic_dir), fingerprint=False).fingerprint == "" and hashes == []
 
 
+@pytest.mark.slow  # a real run of its own, ~10 s: make test-e2e
 def test_two_copies_share_one_prepared_cache(ray_session, synthetic_dir, tmp_path):
     """Two clones pointed at one data.cache_dir: the second decodes nothing."""
     a = _copy_elsewhere(synthetic_dir, tmp_path / "a" / "set", 10**18)

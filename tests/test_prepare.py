@@ -223,6 +223,7 @@ def _one_error_line(run) -> str:
     return errors[0]
 
 
+@pytest.mark.slow  # a real run of its own, ~10 s: make test-e2e
 def test_cli_reports_a_corrupt_image_in_one_line(ray_cluster, corrupt_dir, tmp_path):
     path = source_table(corrupt_dir, "train").column("image")[BAD_ROW].as_py()["path"]
     line = _one_error_line(_cli("--data", str(corrupt_dir), "--cache-dir", str(tmp_path), "--quiet",

@@ -138,6 +138,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // (3 * 4))
 """
 
 
+@pytest.mark.slow  # a real run of its own, ~10 s: make test-e2e
 def test_a_cpu_step_reuses_freed_memory_instead_of_faulting_it_in_again():
     """glibc gives a step's freed activations back to the kernel and faults them in again at
     the next step, page by page (kernel time a small CPU trial lost), unless the process keeps
@@ -190,6 +191,7 @@ print(" ".join(map(str, out)))
 """
 
 
+@pytest.mark.slow  # a real run of its own, ~10 s: make test-e2e
 def test_a_cpu_trial_worker_loop_in_a_thread_keeps_its_memory_too():
     """Train runs the loop in a thread of its own. glibc gives such a thread an arena made of
     64 MB heaps and unmaps a heap whenever it empties, whatever mallopt says: when a step's
