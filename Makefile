@@ -13,9 +13,9 @@ help:
 	@echo "make gpu-kit      dist/gpu-kit/: project + slim Ray + missing wheels + run.sh for an offline GPU node (GPU_KIT_PYTHON=3.12)"
 	@echo "make gpu-kit-smoke  the kit built for this Python, installed offline beside torch only, run.sh --cpu-smoke"
 	@echo "make test         the unit tests and a real smoke sweep on the CPU (installs first if needed; ~6 min)"
-	@echo "make test-e2e     the end-to-end Ray runs marked slow: resume, killed driver, DDP, stock Ray (~12 min)"
+	@echo "make test-e2e     the end-to-end Ray runs marked slow: resume, killed driver, DDP, stock Ray (~15 min)"
 	@echo "make test-all     both tiers in one pytest run"
-	@echo "make demo         a 12-trial sweep on the vendored CIFAR-10 photos (~4 min on 2 cores), then the scaling analysis"
+	@echo "make demo         a 12-trial sweep on the vendored CIFAR-10 photos (~7 min on 2 cores: README, Configs), then the scaling analysis"
 	@echo "make demo-width   the joint law over data and width: 24 trials on the same photos, then the analysis"
 	@echo "make bench        decode, training-loop and Ray-overhead benchmarks (ratios measured side by side)"
 	@echo "make test-multihost  sweeps on a Ray cluster of network-namespace hosts (root, iproute2; ~3 min)"
@@ -41,8 +41,6 @@ lock:
 	$(PYTHON) gpu_kit/lockfile.py .cache/lock-report.json > constraints.txt
 	@echo "constraints.txt: $$(grep -c '==' constraints.txt) pins"
 
-# The multi-host tests take minutes (three Ray nodes, three sweeps): their own target, which
-# .ci/run calls too.
 # Two tiers, both on the CPU and both run by .ci/run: `make test` (unit tests and one real smoke
 # sweep through a Ray cluster, under 8 min of pytest on 2 cores) and `make test-e2e` (the tests
 # marked slow: interrupt and resume, a killed driver, a failed worker, two-worker DDP, stock Ray).
@@ -55,7 +53,8 @@ test-e2e: install
 test-all: install
 	$(BIN)/python -m pytest -m "not docker and not multihost" $(PYTEST_ARGS)
 
-# A Ray head and two workers, each a network namespace on a bridge (tests/multihost.py): needs
+# The multi-host tests take minutes (three Ray nodes, three sweeps): their own target, which
+# .ci/run calls too. A Ray head and two workers, each a network namespace on a bridge (tests/multihost.py): needs
 # root and iproute2, and is skipped with the reason elsewhere. Leaves no namespace behind.
 test-multihost: install
 	$(BIN)/python -m pytest -m multihost -v $(PYTEST_ARGS) tests/test_multihost.py

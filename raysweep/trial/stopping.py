@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from raysweep.config import TrainConfig
 
 
@@ -67,14 +69,10 @@ class StopRule:
     def _slope(self) -> float:
         """The loss's fall per epoch (positive while it falls), fitted by least squares over the
         window; NaN until the window holds 3 finite epochs, and then the rule waits."""
-        points = [(e, x) for e, _, x in self.losses if math.isfinite(x)]
-        if len(points) < 3:
+        points = np.array([(e, x) for e, _, x in self.losses if math.isfinite(x)], dtype=float).reshape(-1, 2)
+        if len(points) < 3 or np.ptp(points[:, 0]) == 0:
             return math.nan
-        n = len(points)
-        me = sum(e for e, _ in points) / n
-        mx = sum(x for _, x in points) / n
-        see = sum((e - me) ** 2 for e, _ in points)
-        return -sum((e - me) * (x - mx) for e, x in points) / see if see > 0 else math.nan
+        return float(-np.polyfit(points[:, 0], points[:, 1], 1)[0])
 
     def still_learning(self) -> bool:
         """The training loss still falls faster than train.stop_loss_slope per epoch."""
