@@ -123,12 +123,12 @@ def test_a_negative_seed_is_rejected(seeds, key):
 
 
 def test_another_model_with_the_demo_config_says_which_override_to_add():
-    """configs/demo.yaml sets model.width=0.125 for AlexNet; the README's --set model.name=resnet18
+    """configs/demo.yaml sets model.width=0.0625 for AlexNet; the README's --set model.name=resnet18
     must then say what else to pass, and that override must work."""
     demo = DEFAULT_CONFIG.parent / "demo.yaml"
     with pytest.raises(RaysweepError) as err:
         load_config(demo, ["model.name=resnet18"])
-    assert "'model.width' = 0.125 applies to alexnet only" in str(err.value)
+    assert "'model.width' = 0.0625 applies to alexnet only" in str(err.value)
     assert "add --set model.width=1" in str(err.value)
     cfg = load_config(demo, ["model.name=resnet18", "model.width=1"])
     assert (cfg.model.name, cfg.model.width) == ("resnet18", 1.0)

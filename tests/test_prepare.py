@@ -109,6 +109,24 @@ def test_dataset_reads_only_the_subset_rows(prepared):
         prepared.dataset("val")
 
 
+def test_several_splits_load_in_one_execution_each_in_order(prepared):
+    import ray
+    import torch
+
+    from raysweep.trial.device_data import load_splits
+
+    idx = stratified_subset(prepared.labels("train"), 0.5, seed=2)
+    ds = prepared.datasets({"train": idx, "validation": None, "test": None}, block_rows=5, read_node=True)
+    rows = {"train": len(idx), "validation": len(prepared.labels("validation")), "test": len(prepared.labels("test"))}
+    splits = load_splits(ds, rows, torch.device("cpu"), chunk=7)  # batches that straddle splits
+    want = {"train": idx, "validation": slice(None), "test": slice(None)}
+    for name, split in splits.items():
+        assert len(split) == rows[name]
+        assert np.array_equal(split.labels.numpy(), prepared.labels(name)[want[name]])
+        assert np.array_equal(split.images.numpy(), prepared.images(name)[want[name]])
+        assert split.read_nodes == {ray.get_runtime_context().get_node_id()}
+
+
 def test_second_run_reuses_the_cache_and_decodes_nothing(prepared, synthetic_dir):
     again = prepare(str(synthetic_dir), prepared.path.parent.parent, progress=False)
     assert again.decoded == 0 and again.path == prepared.path and again.meta == prepared.meta

@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         from raysweep.config import load_config
         from raysweep.sweep.ray_compat import quiet_ray_logs
         from raysweep.data import prepare_from_config
-        from raysweep.tune import TRAIN_RUNS
+        from raysweep.sweep.cli import TRAIN_RUNS
 
         quiet_ray_logs()
         import ray

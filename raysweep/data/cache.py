@@ -86,44 +86,60 @@ class PreparedData:
         of the node whose task read it, as Ray names it (NODE_ID_BYTES uint8; see node_ids),
         so a reader can show where its data was really read.
         """
+        return self.datasets({split: indices}, block_rows=block_rows, num_cpus=num_cpus,
+                             concurrency=concurrency, read_node=read_node, tag=False)
+
+    def datasets(self, parts: dict, *, block_rows: int = 256, num_cpus: float = 0, concurrency: int = 2,
+                 read_node: bool = False, tag: bool = True):
+        """Several splits in one Ray Dataset, so they are read in one execution: `parts` maps a
+        split to its row indices (None: all of it). With `tag`, each row carries `split`: the
+        position of its split in `parts` (uint8). Otherwise as `dataset`."""
         import ray
 
-        d = self._split_dir(split)
-        if not (d / "images.npy").is_file():
-            raise RaysweepError(f"prepared cache {self.path} has no {split}/images.npy on this node")
-        n = self.counts[split]
-        idx = None
-        if indices is not None:
-            idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-            if idx.size and (idx.min() < 0 or idx.max() >= n):
-                raise RaysweepError(f"split '{split}': row indices must be in [0, {n}), "
-                                    f"got {idx.min()}..{idx.max()}")
-        total = n if idx is None else len(idx)
-        if total == 0:
-            raise RaysweepError(f"split '{split}': no rows selected")
-        units = [{"start": a, "stop": min(a + block_rows, total)} for a in range(0, total, block_rows)]
+        units, dirs, picks = [], [], []
+        for code, (split, indices) in enumerate(parts.items()):
+            d = self._split_dir(split)
+            if not (d / "images.npy").is_file():
+                raise RaysweepError(f"prepared cache {self.path} has no {split}/images.npy on this node")
+            n = self.counts[split]
+            idx = None
+            if indices is not None:
+                idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+                if idx.size and (idx.min() < 0 or idx.max() >= n):
+                    raise RaysweepError(f"split '{split}': row indices must be in [0, {n}), "
+                                        f"got {idx.min()}..{idx.max()}")
+            total = n if idx is None else len(idx)
+            if total == 0:
+                raise RaysweepError(f"split '{split}': no rows selected")
+            dirs.append(str(d))
+            picks.append(idx)
+            units += [{"part": code, "start": a, "stop": min(a + block_rows, total)} for a in range(0, total, block_rows)]
         if not ray.is_initialized():
             ray.init()
         node = ray.get_runtime_context().get_node_id()
         ds = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
-            _read_rows, batch_size=1, fn_kwargs={"split_dir": str(d), "indices": idx, "read_node": read_node},
+            _read_rows, batch_size=1,
+            fn_kwargs={"split_dirs": dirs, "indices": picks, "read_node": read_node, "tag": tag},
             num_cpus=num_cpus, compute=ray.data.TaskPoolStrategy(size=min(concurrency, len(units))),
             label_selector={"ray.io/node-id": node})
         ds.context.execution_options.preserve_order = True
         return ds
 
 
-def _read_rows(batch: dict[str, np.ndarray], split_dir: str, indices: np.ndarray | None,
-               read_node: bool = False) -> dict[str, np.ndarray]:
-    """Ray Data UDF: copy one block of cache rows (a slice, or a gather by index) from the memmap."""
-    images = np.load(os.path.join(split_dir, "images.npy"), mmap_mode="r")
-    labels = np.load(os.path.join(split_dir, "labels.npy"), mmap_mode="r")
-    start, stop = int(batch["start"][0]), int(batch["stop"][0])
-    if indices is None:
+def _read_rows(batch: dict[str, np.ndarray], split_dirs: list[str], indices: list, read_node: bool = False,
+               tag: bool = False) -> dict[str, np.ndarray]:
+    """Ray Data UDF: copy one unit of cache rows (a slice, or a gather by index) from the memmap
+    of its split (`part`: its position in split_dirs and indices)."""
+    part, start, stop = int(batch["part"][0]), int(batch["start"][0]), int(batch["stop"][0])
+    images = np.load(os.path.join(split_dirs[part], "images.npy"), mmap_mode="r")
+    labels = np.load(os.path.join(split_dirs[part], "labels.npy"), mmap_mode="r")
+    if indices[part] is None:
         out = {"image": np.array(images[start:stop]), "label": np.array(labels[start:stop])}
     else:
-        rows = indices[start:stop]
+        rows = indices[part][start:stop]
         out = {"image": images[rows], "label": labels[rows]}
+    if tag:
+        out["split"] = np.full(len(out["label"]), part, dtype=np.uint8)
     if read_node:  # 28 bytes a row beside its image (12 KB at 64 px): the node this task ran on
         import ray
 

@@ -58,29 +58,63 @@ class StreamSplit:
             yield b["image"], b["label"]
 
 
-def load_split(source, n: int, device: torch.device, chunk: int = 1024) -> DeviceSplit:
-    """Copy a Ray Data split (Dataset or DataIterator, <= n rows) into device tensors, in order,
-    noting the nodes that read it where the rows carry `read_node` (PreparedData.dataset).
+class _Filler:
+    """Device tensors for one split, allocated once at full size (loading never needs twice the
+    memory), filled in order."""
 
-    The tensors are allocated once at full size, so loading never needs twice the memory.
-    """
-    images = labels = None
-    filled, read_nodes = 0, set()
+    def __init__(self, n: int, device: torch.device):
+        self.n, self.device, self.filled, self.read_nodes = n, device, 0, set()
+        self.images = self.labels = None
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self.images is None:
+            self.images = torch.empty((self.n, *x.shape[1:]), dtype=torch.uint8, device=self.device)
+            self.labels = torch.empty(self.n, dtype=torch.int64, device=self.device)
+        if self.filled + len(x) > self.n:
+            raise RuntimeError(f"split has more than the {self.n} rows announced")
+        self.images[self.filled:self.filled + len(x)].copy_(x, non_blocking=True)
+        self.labels[self.filled:self.filled + len(x)].copy_(y, non_blocking=True)
+        self.filled += len(x)
+
+    def split(self, name: str = "") -> DeviceSplit:
+        if not self.filled:
+            what = f"data split '{name}'" if name else "a data split"
+            raise RaysweepError(f"{what} is empty: nothing to train or evaluate on")
+        return DeviceSplit(self.images[:self.filled], self.labels[:self.filled], self.read_nodes)
+
+
+def _numpy_batches(source, chunk: int):
     for batch in source.iter_batches(batch_size=chunk, batch_format="numpy", prefetch_batches=4):
         with warnings.catch_warnings():  # Ray's arrays are read-only; they are only copied from
             warnings.simplefilter("ignore", UserWarning)
             x = torch.from_numpy(np.ascontiguousarray(batch["image"], dtype=np.uint8))
             y = torch.from_numpy(np.asarray(batch["label"], dtype=np.int64))
+        yield batch, x, y
+
+
+def load_split(source, n: int, device: torch.device, chunk: int = 1024) -> DeviceSplit:
+    """Copy a Ray Data split (Dataset or DataIterator, <= n rows) into device tensors, in order,
+    noting the nodes that read it where the rows carry `read_node` (PreparedData.dataset)."""
+    fill = _Filler(n, device)
+    for batch, x, y in _numpy_batches(source, chunk):
         if "read_node" in batch:
-            read_nodes |= node_ids(batch["read_node"])
-        if images is None:
-            images = torch.empty((n, *x.shape[1:]), dtype=torch.uint8, device=device)
-            labels = torch.empty(n, dtype=torch.int64, device=device)
-        if filled + len(x) > n:
-            raise RuntimeError(f"split has more than the {n} rows announced")
-        images[filled:filled + len(x)].copy_(x, non_blocking=True)
-        labels[filled:filled + len(x)].copy_(y, non_blocking=True)
-        filled += len(x)
-    if not filled:
-        raise RaysweepError("a data split is empty: nothing to train or evaluate on")
-    return DeviceSplit(images[:filled], labels[:filled], read_nodes)
+            fill.read_nodes |= node_ids(batch["read_node"])
+        fill.add(x, y)
+    return fill.split()
+
+
+def load_splits(source, rows: dict[str, int], device: torch.device, chunk: int = 1024) -> dict[str, DeviceSplit]:
+    """Several splits read in one Ray Data execution (PreparedData.datasets: each row's `split`
+    is the position of its split in `rows`), each into its own device tensors, in order."""
+    names = list(rows)
+    fills = {name: _Filler(n, device) for name, n in rows.items()}
+    for batch, x, y in _numpy_batches(source, chunk):
+        code = torch.from_numpy(np.asarray(batch["split"], dtype=np.int64))
+        nodes = batch.get("read_node")
+        for c in torch.unique(code).tolist():
+            sel = code == c
+            fill = fills[names[c]]
+            if nodes is not None:
+                fill.read_nodes |= node_ids(np.asarray(nodes)[sel.numpy()])
+            fill.add(x[sel], y[sel])
+    return {name: fill.split(name) for name, fill in fills.items()}

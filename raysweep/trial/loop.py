@@ -23,7 +23,7 @@ from raysweep.config import ModelConfig, TrainConfig
 from raysweep.trial.checkpoints import (BEST_FILE, LEDGER_FILE, STATE_FILE, load_best_weights,  # noqa: F401
                                         read_checkpoint, read_ledger, save_checkpoint, write_history,
                                         write_ledger)
-from raysweep.trial.device_data import StreamSplit, load_split
+from raysweep.trial.device_data import StreamSplit, load_splits
 from raysweep.trial.metrics import clearly_below_chance, primary_k
 from raysweep.trial.model import describe
 from raysweep.trial.reporting import Reporter
@@ -234,13 +234,17 @@ def _load_data(config: dict, rank: int, world: int, device: torch.device, tc: Tr
             resident[name] = need <= room
             room -= need if resident[name] else 0
         resident = agree_on_residency(resident)
+    # The resident splits are read together, in one Ray Data execution, and note where their
+    # read tasks ran (28 bytes a row); a streamed split, read every epoch, goes on its own.
+    held = [name for name in rows if resident[name]]
     splits = {}
-    for name, n in rows.items():
-        # A split read once notes where its read tasks ran (28 bytes a row); a streamed one,
-        # read every epoch, does not carry that along.
-        ds = prepared.dataset(name, indices=indices[name], read_node=resident[name])
-        splits[name] = load_split(ds, n, device) if resident[name] else StreamSplit(ds, n, device)
-    return splits
+    if held:
+        ds = prepared.datasets({name: indices[name] for name in held}, read_node=True)
+        splits.update(load_splits(ds, {name: rows[name] for name in held}, device))
+    for name in rows:
+        if name not in splits:
+            splits[name] = StreamSplit(prepared.dataset(name, indices=indices[name]), rows[name], device)
+    return {name: splits[name] for name in rows}
 
 
 def _agree(device: torch.device, *flags: bool) -> tuple[bool, ...]:
