@@ -87,13 +87,13 @@ class PreparedData:
         so a reader can show where its data was really read.
         """
         return self.datasets({split: indices}, block_rows=block_rows, num_cpus=num_cpus,
-                             concurrency=concurrency, read_node=read_node, tag=False)
+                             concurrency=concurrency, read_node=read_node)
 
     def datasets(self, parts: dict, *, block_rows: int = 256, num_cpus: float = 0, concurrency: int = 2,
-                 read_node: bool = False, tag: bool = True):
+                 read_node: bool = False):
         """Several splits in one Ray Dataset, so they are read in one execution: `parts` maps a
-        split to its row indices (None: all of it). With `tag`, each row carries `split`: the
-        position of its split in `parts` (uint8). Otherwise as `dataset`."""
+        split to its row indices (None: all of it). With more than one, each row carries `split`:
+        the position of its split in `parts` (uint8). Otherwise as `dataset`."""
         import ray
 
         units, dirs, picks = [], [], []
@@ -119,7 +119,7 @@ class PreparedData:
         node = ray.get_runtime_context().get_node_id()
         ds = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
             _read_rows, batch_size=1,
-            fn_kwargs={"split_dirs": dirs, "indices": picks, "read_node": read_node, "tag": tag},
+            fn_kwargs={"split_dirs": dirs, "indices": picks, "read_node": read_node, "tag": len(parts) > 1},
             num_cpus=num_cpus, compute=ray.data.TaskPoolStrategy(size=min(concurrency, len(units))),
             label_selector={"ray.io/node-id": node})
         ds.context.execution_options.preserve_order = True

@@ -95,26 +95,27 @@ def _numpy_batches(source, chunk: int):
 def load_split(source, n: int, device: torch.device, chunk: int = 1024) -> DeviceSplit:
     """Copy a Ray Data split (Dataset or DataIterator, <= n rows) into device tensors, in order,
     noting the nodes that read it where the rows carry `read_node` (PreparedData.dataset)."""
-    fill = _Filler(n, device)
-    for batch, x, y in _numpy_batches(source, chunk):
-        if "read_node" in batch:
-            fill.read_nodes |= node_ids(batch["read_node"])
-        fill.add(x, y)
-    return fill.split()
+    return load_splits(source, {"": n}, device, chunk)[""]
 
 
 def load_splits(source, rows: dict[str, int], device: torch.device, chunk: int = 1024) -> dict[str, DeviceSplit]:
-    """Several splits read in one Ray Data execution (PreparedData.datasets: each row's `split`
-    is the position of its split in `rows`), each into its own device tensors, in order."""
+    """Copy splits read in one Ray Data execution (PreparedData.datasets: with several, each
+    row's `split` is the position of its split in `rows`) into device tensors of their own, in
+    order, noting the nodes that read them where the rows carry `read_node`."""
     names = list(rows)
     fills = {name: _Filler(n, device) for name, n in rows.items()}
     for batch, x, y in _numpy_batches(source, chunk):
-        code = torch.from_numpy(np.asarray(batch["split"], dtype=np.int64))
         nodes = batch.get("read_node")
-        for c in torch.unique(code).tolist():
-            sel = code == c
+        if "split" not in batch:  # one split
+            parts = [(0, slice(None))]
+        else:
+            code = torch.from_numpy(np.asarray(batch["split"], dtype=np.int64))
+            found = torch.unique(code).tolist()
+            # Most batches hold one split: no gather then.
+            parts = [(found[0], slice(None))] if len(found) == 1 else [(c, code == c) for c in found]
+        for c, sel in parts:
             fill = fills[names[c]]
             if nodes is not None:
-                fill.read_nodes |= node_ids(np.asarray(nodes)[sel.numpy()])
+                fill.read_nodes |= node_ids(np.asarray(nodes)[sel if isinstance(sel, slice) else sel.numpy()])
             fill.add(x[sel], y[sel])
     return {name: fill.split(name) for name, fill in fills.items()}
