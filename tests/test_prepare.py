@@ -127,6 +127,18 @@ def test_several_splits_load_in_one_execution_each_in_order(prepared):
         assert split.read_nodes == {ray.get_runtime_context().get_node_id()}
 
 
+def test_readers_grow_with_the_bytes_read_up_to_the_concurrency():
+    from raysweep.data.cache import READER_BYTES, _readers
+
+    demo = 2000 * 3 * 64 * 64  # the demo's three splits at 64 px: one process reads them
+    assert _readers(demo, units=8, concurrency=2) == 1
+    full = 50_000 * 3 * 227 * 227  # a whole mini-ImageNet train split at 227 px
+    assert _readers(full, units=196, concurrency=2) == 2
+    assert _readers(full, units=196, concurrency=8) == 8
+    assert _readers(3 * READER_BYTES, units=2, concurrency=8) == 2  # never more tasks than blocks
+    assert _readers(READER_BYTES + 1, units=10, concurrency=8) == 2
+
+
 def test_second_run_reuses_the_cache_and_decodes_nothing(prepared, synthetic_dir):
     again = prepare(str(synthetic_dir), prepared.path.parent.parent, progress=False)
     assert again.decoded == 0 and again.path == prepared.path and again.meta == prepared.meta

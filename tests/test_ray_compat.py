@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import re
 from pathlib import Path
 
@@ -143,6 +144,18 @@ def test_stock_mode_turns_every_item_off(monkeypatch):
     assert "TUNE_GLOBAL_CHECKPOINT_S" in applied and "TUNE_PRINT_ALL_TRIAL_ERRORS" not in applied
     assert ray_compat.worker_env(use_gpu=False) == {"MALLOC_ARENA_MAX": "1"}
     assert ray_compat.worker_env(use_gpu=True) == {}
+
+
+def test_local_only_defaults_stay_off_a_joined_cluster(monkeypatch):
+    monkeypatch.delenv(ray_compat.STOCK_ENV, raising=False)
+    for item in ray_compat.ENV_DEFAULTS:
+        monkeypatch.delenv(item.name, raising=False)
+    joined = ray_compat.apply_env_defaults("driver", local=False)
+    assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in joined and "TUNE_GLOBAL_CHECKPOINT_S" in joined
+    assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ
+    local = ray_compat.apply_env_defaults("driver", local=True)
+    assert local == {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_worker_maximum_startup_concurrency":
+                     os.environ["RAY_worker_maximum_startup_concurrency"]}
 
 
 @pytest.mark.slow

@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         ray_compat.plain_ray_output()
     else:
         ray_compat.quiet_ray_logs()
-    ray_compat.apply_env_defaults("driver", console=not verbose)
+    ray_compat.apply_env_defaults("driver", console=not verbose, local=not args.address)
     t0 = time.time()
     info = start_or_join(address=args.address, num_gpus=local_plan.gpus if local_plan else args.num_gpus,
                          dashboard_host=args.dashboard_host, quiet=not verbose)

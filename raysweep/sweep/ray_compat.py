@@ -45,6 +45,7 @@ class EnvDefault:
     effect: str
     read_by_ray: bool = True  # a Ray setting (its name must exist in Ray's source), or the C library's
     console: bool = False  # only shapes the console: left to Ray under --verbose
+    local: bool = False  # only where this sweep starts its own Ray (no --address)
 
 
 ENV_DEFAULTS: tuple[EnvDefault, ...] = (
@@ -67,7 +68,14 @@ ENV_DEFAULTS: tuple[EnvDefault, ...] = (
                "readers); the raylet warns in the sweep's console once more than 4x its limit (one per CPU) "
                "start at once, which a 2-core machine reaches with two trials. Local clusters only (a joined "
                "cluster's raylets are configured where they run)", "no '(raylet) WARNING: N PYTHON worker "
-               "processes have been started' lines", console=True),
+               "processes have been started' lines", console=True, local=True),
+    EnvDefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0", "driver",
+               "CPU time: Train starts a preemption-watcher actor for every trial, to see a node being "
+               "drained (a cloud's spot reclaim, an autoscaler's scale-down); the one machine of a local Ray "
+               "started by this sweep is drained by nobody. Its process start costs ~2 CPU-s a trial, which "
+               "2 cores pay in wall time. Local clusters only: a joined cluster keeps Train's default",
+               "one process less per trial: 9.0 CPU-s in the 4 watchers of a 4-trial demo-width sweep "
+               "(from /proc), none with it set", local=True),
     EnvDefault("MALLOC_ARENA_MAX", "1", "worker",
                "speed of CPU trials: Train runs the loop in a thread of its own, whose glibc arena unmapped "
                "its 64 MB heaps as soon as they emptied; activations then page-faulted afresh at every step",
@@ -76,14 +84,16 @@ ENV_DEFAULTS: tuple[EnvDefault, ...] = (
 )
 
 
-def apply_env_defaults(where: str, console: bool = True) -> dict[str, str]:
-    """Set this process's defaults for `where` ("driver"), the console ones only if `console`;
-    returns what was set. No-op when stock."""
+def apply_env_defaults(where: str, console: bool = True, local: bool = True) -> dict[str, str]:
+    """Set this process's defaults for `where` ("driver"), the console ones only if `console`,
+    the local-cluster ones only if `local` (this process starts its own Ray); returns what was
+    set. No-op when stock."""
     if stock():
         return {}
     applied = {}
     for item in ENV_DEFAULTS:
-        if item.where == where and item.name not in os.environ and (console or not item.console):
+        if (item.where == where and item.name not in os.environ and (console or not item.console)
+                and (local or not item.local)):
             os.environ[item.name] = applied[item.name] = item.value
     return applied
 
