@@ -96,3 +96,32 @@ def test_a_resumed_trial_says_from_which_epoch(tmp_path):
     resumed, fresh = [ln for ln in out.getvalue().splitlines() if ln.startswith("[")]
     assert resumed == "[1/2] resume (from epoch 6) fraction 1       seed 0   n_train     200  (up to 150 epochs)"
     assert fresh == "[2/2] start  fraction 0.5     seed 0   n_train     100  (up to 150 epochs)"
+
+
+def test_a_finished_trial_that_tune_starts_again_is_a_replay_and_keeps_the_count(tmp_path):
+    """An interrupt between a trial's last report and Tune marking it done: summary.json has it
+    finished, Tune starts it again, and it only re-reports from its final checkpoint. The display
+    says so, gives it no new number, and its epochs do not move the bar."""
+    import io
+    from types import SimpleNamespace
+
+    from raysweep.sweep.display import SweepDisplay
+
+    runs = tmp_path / "train_runs"
+    d = runs / "trial_a" / "checkpoint_epoch_0002"
+    d.mkdir(parents=True)
+    (d / "history.json").write_text(json.dumps([{"epoch": 1}, {"epoch": 2}]))
+    out = io.StringIO()
+    plan = {(f, 1.0, 0): {"n_train": n, "max_epochs": 2} for f, n in ((1.0, 200), (0.5, 100), (0.25, 50))}
+    display = SweepDisplay(plan, "val_top1_error", stream=out, train_runs=runs, done={(1.0, 1.0, 0)})
+    total = display.bar.total
+    replay = SimpleNamespace(trial_id="a", config={"fraction": 1.0, "seed": 0}, last_result={})
+    display.on_trial_start(0, [], replay)
+    display.on_trial_result(0, [], replay, {"epoch": 1})
+    display.on_trial_complete(0, [], replay)
+    display.on_trial_start(0, [], SimpleNamespace(trial_id="b", config={"fraction": 0.5, "seed": 0}))
+    display.on_trial_start(0, [], SimpleNamespace(trial_id="c", config={"fraction": 0.25, "seed": 0}))
+    lines = [ln for ln in out.getvalue().splitlines() if ln.startswith("[")]
+    assert lines[0].startswith("[-/3] replay fraction 1 ") and "its 2 epochs are re-reported" in lines[0]
+    assert [ln[:11] for ln in lines[1:]] == ["[2/3] start", "[3/3] start"]
+    assert display.bar.total == total == 4 and display.bar.done == 0

@@ -172,6 +172,53 @@ def test_killed_driver_resumes_without_retraining_finished_trials(ray_cluster, t
         assert epochs == [1, 2]  # each epoch reported once, none lost or repeated
 
 
+@pytest.mark.slow
+def test_ctrl_c_in_a_fraction_width_seed_sweep_then_resume_reruns_nothing_and_loses_nothing(ray_cluster, tmp_path):
+    """The grid over fraction x width x seed, interrupted with Ctrl-C once a trial has finished:
+    the resume trains only what was left, and every grid point ends with its epochs once."""
+    exp = tmp_path / "grid"
+    grid = ["--fractions", "1", "0.5", "--widths", "0.125", "0.25", "--seeds", "0"]
+    proc = subprocess.Popen(_sweep(ray_cluster, tmp_path, "grid", *grid, "--set", "sweep.max_concurrent_trials=1"),
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _wait_for(lambda: _finished_trials(exp), proc, "a trial finished")
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1, out + err
+    assert "--resume --name grid" in out and "Traceback" not in err
+    finished = _finished_trials(exp)
+    assert 1 <= len(finished) < 4, list(finished)
+
+    resumed = run_cli("raysweep.tune", "--address", ray_cluster, "--storage-path", str(tmp_path),
+                      "--name", "grid", "--resume")
+    after = _finished_trials(exp)
+    assert len(after) == 4
+    for trial_dir, text in finished.items():
+        assert _metrics(after[trial_dir]) == _metrics(text)  # not trained again
+    # The resumed driver trains only the trials that had not finished. A finished trial that
+    # Tune starts again (the Ctrl-C landed between its last report and Tune marking it done)
+    # only replays its epochs from its final checkpoint, and says so.
+    lines = resumed.stdout.splitlines()
+    trained = [ln for ln in lines if "] start " in ln or "] resume " in ln]
+    replays = [ln for ln in lines if "] replay " in ln]
+    assert len(trained) == 4 - len(finished), resumed.stdout
+    assert all("its 2 epochs are re-reported" in ln and "nothing trains" in ln for ln in replays), replays
+    assert max(int(k) for k in re.findall(r"\[\s*(\d+)/4\]", resumed.stdout)) <= 4, resumed.stdout
+    for text in after.values():
+        assert [json.loads(ln)["epoch"] for ln in text.splitlines() if ln.strip()] == [1, 2]
+    rows = json.loads((exp / "summary.json").read_text())
+    assert sorted((r["fraction"], r["width"], r["seed"]) for r in rows) == [
+        (0.5, 0.125, 0), (0.5, 0.25, 0), (1.0, 0.125, 0), (1.0, 0.25, 0)]
+    assert {r["status"] for r in rows} == {"TERMINATED"}
+    params = {r["width"]: r["num_params"] for r in rows}
+    assert params[0.125] < params[0.25]  # each width's trials carry its own parameter count
+    assert {r["n_train"] for r in rows if r["fraction"] == 0.5} == {24}  # the same subset at every width
+
+
 def _tensorboard_steps(trial_dir: Path, tag: str) -> list[int]:
     """Steps of one scalar over every TensorBoard events file of a trial, read record by record."""
     import struct

@@ -46,6 +46,10 @@ class SweepDisplay(Callback):
         self.finished = set(done or ())  # grid points finished before a resume
         self.finished_before = len(self.finished)
         self.number: dict[str, int] = {}
+        # Trials that had finished but that Tune starts again: an interrupt landed between their
+        # last report and Tune marking them done. They only re-report their epochs from their
+        # final checkpoint (nothing trains); they keep their place among the finished.
+        self.replays: set[str] = set()
         total = sum(p["max_epochs"] for key, p in plan.items() if key not in self.finished)
         self.bar = Progress(total, "sweep", "epochs", stream=self.stream, every_s=30.0, enabled=not quiet,
                             own_eta=False)
@@ -72,6 +76,8 @@ class SweepDisplay(Callback):
         return f"fraction {f:<7g} {width}seed {s:<3d} n_train {n:>7,}" if n else f"fraction {f:g} {width}seed {s}"
 
     def _tag(self, trial) -> str:
+        if trial.trial_id in self.replays:
+            return f"[{'-':>{len(str(len(self.plan)))}}/{len(self.plan)}]"
         if trial.trial_id not in self.number:
             self.number[trial.trial_id] = len(self.number) + self.finished_before + 1
         width = len(str(len(self.plan)))
@@ -96,10 +102,15 @@ class SweepDisplay(Callback):
     # --- Tune's hooks ------------------------------------------------------------------
     def on_trial_start(self, iteration, trials, trial, **info):
         key = self._key(trial)
+        epoch = self.resumes_from(trial)
+        if key in self.finished and trial.trial_id not in self.number:
+            self.replays.add(trial.trial_id)
+            self.bar.write(f"{self._tag(trial)} replay {self._label(trial)}  (it had finished: its "
+                           f"{epoch or 'final'} epochs are re-reported from its last checkpoint, nothing trains)")
+            return
         self.started.setdefault(key, time.monotonic())
         self.epochs.setdefault(trial.trial_id, set())
         cap = self.plan.get(key, {}).get("max_epochs")
-        epoch = self.resumes_from(trial)
         what = "start " if epoch is None else f"resume (from epoch {epoch})"
         self.bar.write(f"{self._tag(trial)} {what} {self._label(trial)}" + (f"  (up to {cap} epochs)" if cap else ""))
 
@@ -108,6 +119,8 @@ class SweepDisplay(Callback):
             self.bar.write(f"{self._tag(trial)} retry  {self._label(trial)}: {result[WORKER_FAILURE]}; "
                            "Ray Train resumes it from its last checkpoint")
         epoch = result.get("epoch")
+        if trial.trial_id in self.replays:  # its epochs were counted before the stop
+            return
         seen = self.epochs.setdefault(trial.trial_id, set())
         if epoch is None or epoch in seen:
             return
@@ -119,6 +132,8 @@ class SweepDisplay(Callback):
         self._postfix()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        if trial.trial_id in self.replays:
+            return
         key = self._key(trial)
         self.finished.add(key)
         if key in self.started:
