@@ -128,6 +128,21 @@ def _sweep(ray_cluster, tmp_path, name, *extra) -> list[str]:
             *extra]
 
 
+def _interrupted(cmd: list[str], until, what: str, stop) -> tuple[int, str, str]:
+    """Run `cmd` in its own process group until `until()` holds, `stop(proc)` it, and return its
+    exit code, stdout and stderr (the group is killed if it outlives that)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _wait_for(until, proc, what)
+        stop(proc)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, out, err
+
+
 def _wait_for(predicate, proc, what: str, timeout: float = 600) -> None:
     deadline = time.time() + timeout
     while not predicate() and time.time() < deadline and proc.poll() is None:
@@ -178,17 +193,10 @@ def test_ctrl_c_in_a_fraction_width_seed_sweep_then_resume_reruns_nothing_and_lo
     the resume trains only what was left, and every grid point ends with its epochs once."""
     exp = tmp_path / "grid"
     grid = ["--fractions", "1", "0.5", "--widths", "0.125", "0.25", "--seeds", "0"]
-    proc = subprocess.Popen(_sweep(ray_cluster, tmp_path, "grid", *grid, "--set", "sweep.max_concurrent_trials=1"),
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        _wait_for(lambda: _finished_trials(exp), proc, "a trial finished")
-        os.killpg(proc.pid, signal.SIGINT)
-        out, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 1, out + err
+    rc, out, err = _interrupted(_sweep(ray_cluster, tmp_path, "grid", *grid, "--set", "sweep.max_concurrent_trials=1"),
+                                lambda: _finished_trials(exp), "a trial finished",
+                                lambda proc: os.killpg(proc.pid, signal.SIGINT))
+    assert rc == 1, out + err
     assert "--resume --name grid" in out and "Traceback" not in err
     finished = _finished_trials(exp)
     assert 1 <= len(finished) < 4, list(finished)
@@ -243,22 +251,13 @@ def test_ctrl_c_right_after_a_checkpoint_then_resume_keeps_every_epoch_once(ray_
     alone, which stops the sweep the same way instead of Ray's handler aborting it."""
     exp = tmp_path / "intr"
     epochs = 12
-    proc = subprocess.Popen(_sweep(ray_cluster, tmp_path, "intr", "--fractions", "1", "--seeds", "0",
-                                   "--epochs", str(epochs), "--set", "sweep.checkpoint_every=2"),
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        _wait_for(lambda: list(exp.glob("train_runs/*/checkpoint_epoch_0002/history.json")), proc,
-                  "the epoch-2 checkpoint")
-        if stop == "ctrl-c":
-            os.killpg(proc.pid, signal.SIGINT)
-        else:
-            os.kill(proc.pid, signal.SIGTERM)
-        out, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 1, out + err
+    rc, out, err = _interrupted(
+        _sweep(ray_cluster, tmp_path, "intr", "--fractions", "1", "--seeds", "0", "--epochs", str(epochs),
+               "--set", "sweep.checkpoint_every=2"),
+        lambda: list(exp.glob("train_runs/*/checkpoint_epoch_0002/history.json")), "the epoch-2 checkpoint",
+        (lambda proc: os.killpg(proc.pid, signal.SIGINT)) if stop == "ctrl-c" else
+        (lambda proc: os.kill(proc.pid, signal.SIGTERM)))
+    assert rc == 1, out + err
     # After an interrupt: only the tool's own resume line, not Ray's Tuner.restore hint, no "Next:".
     assert f"--resume --name intr --storage-path {tmp_path}" in out
     assert "Tuner.restore" not in out + err and "Next:" not in out and "Traceback" not in err

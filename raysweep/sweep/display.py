@@ -76,12 +76,10 @@ class SweepDisplay(Callback):
         return f"fraction {f:<7g} {width}seed {s:<3d} n_train {n:>7,}" if n else f"fraction {f:g} {width}seed {s}"
 
     def _tag(self, trial) -> str:
-        if trial.trial_id in self.replays:
-            return f"[{'-':>{len(str(len(self.plan)))}}/{len(self.plan)}]"
-        if trial.trial_id not in self.number:
+        if trial.trial_id not in self.number and trial.trial_id not in self.replays:
             self.number[trial.trial_id] = len(self.number) + self.finished_before + 1
-        width = len(str(len(self.plan)))
-        return f"[{self.number[trial.trial_id]:>{width}}/{len(self.plan)}]"
+        number = "-" if trial.trial_id in self.replays else self.number[trial.trial_id]
+        return f"[{number:>{len(str(len(self.plan)))}}/{len(self.plan)}]"
 
     def resumes_from(self, trial) -> int | None:
         """The last epoch in the trial's newest complete checkpoint (its history.json), which its
