@@ -77,8 +77,11 @@ demo: install
 
 # The joint law over data and width: 3 widths x 4 fractions x 2 seeds on the same photos.
 DEMO_WIDTH_NAME := demo-width-$(shell date +%Y%m%d-%H%M%S)
+# Without Ray's dashboard: on 2 cores it takes ~6% of the CPU, the margin of this demo's 10
+# minutes (make demo-width DEMO_WIDTH_ARGS= brings it back).
+DEMO_WIDTH_ARGS ?= --no-dashboard
 demo-width: install
-	$(BIN)/python -m raysweep.tune --config configs/demo-width.yaml --name $(DEMO_WIDTH_NAME) --storage-path results
+	$(BIN)/python -m raysweep.tune --config configs/demo-width.yaml --name $(DEMO_WIDTH_NAME) --storage-path results $(DEMO_WIDTH_ARGS)
 	ln -sfn $(DEMO_WIDTH_NAME) results/demo-width-latest
 	$(BIN)/python -m analysis.plot_scaling results/$(DEMO_WIDTH_NAME) $(DEMO_ANALYSIS)
 	@echo "Figures: results/$(DEMO_WIDTH_NAME)/analysis/joint.png, frontier.png; report: results/$(DEMO_WIDTH_NAME)/analysis/report.md"

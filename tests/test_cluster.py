@@ -256,3 +256,25 @@ def test_a_node_that_cannot_see_the_cache_is_one_line_naming_it(ray_session, tmp
     assert "\n" not in msg
     assert msg.startswith(f"node {node_label(worker)} cannot read the prepared cache {cache / 'meta.json'}: no such file")
     assert "more node" not in msg  # the head reads it: only the worker is named
+
+
+@pytest.mark.parametrize("dashboard", [True, False])
+def test_a_local_ray_starts_with_its_dashboard_unless_told_not_to(monkeypatch, dashboard):
+    """start_or_join hands Ray's own include_dashboard switch the --no-dashboard choice (ray.init
+    is replaced: no second Ray starts beside the session's)."""
+    import ray
+
+    asked = {}
+
+    def fake_init(**kwargs):
+        asked.update(kwargs)
+        return type("Ctx", (), {"dashboard_url": "127.0.0.1:8265" if kwargs["include_dashboard"] else ""})()
+
+    monkeypatch.setattr(ray, "init", fake_init)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
+    from raysweep.cluster.connect import start_or_join
+
+    info = start_or_join(address=None, num_gpus=0, dashboard_host="127.0.0.1", quiet=True, dashboard=dashboard)
+    assert asked["include_dashboard"] is dashboard
+    assert info["dashboard_url"] == ("http://127.0.0.1:8265" if dashboard else "")

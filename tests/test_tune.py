@@ -33,6 +33,7 @@ FINAL = ["test_loss", "test_top1_error", "test_top5_error", "best_epoch", "best_
     (["--set", "train.nonsense=3"], "unknown config key 'train.nonsense'"),
     (["--data", "./no/such/snapshot"], "data source './no/such/snapshot': no such file or directory"),
     (["--fractions", "0.5", "1.5"], "'sweep.fractions[1]' = 1.5 is outside (0, 1]"),
+    (["--address", "127.0.0.1:1", "--no-dashboard"], "--no-dashboard applies to the Ray this sweep starts"),
 ])
 def test_user_errors_are_one_line_and_start_nothing(tmp_path, args, expect):
     proc = run_cli("raysweep.tune", "--config", "configs/smoke.yaml", "--storage-path", str(tmp_path),

@@ -10,8 +10,9 @@ from raysweep.errors import RaysweepError
 
 
 def start_or_join(*, address: str | None, num_gpus: int | None, dashboard_host: str,
-                  quiet: bool) -> dict:
-    """Start a local Ray instance (with dashboard) or join `address`; returns what we know of it.
+                  quiet: bool, dashboard: bool = True) -> dict:
+    """Start a local Ray instance (with its dashboard unless `dashboard` is False) or join
+    `address`; returns what we know of it.
 
     The returned dict has `cpus`, `gpus`, `dashboard_url`, `max_node_cpus` and `local`
     (True if we started it).
@@ -29,7 +30,7 @@ def start_or_join(*, address: str | None, num_gpus: int | None, dashboard_host: 
             ctx = ray.init(address=address, log_to_driver=not quiet, logging_level="WARNING")
         else:
             ctx = ray.init(num_cpus=os.cpu_count(), num_gpus=have if num_gpus is None else num_gpus,
-                           include_dashboard=True, dashboard_host=dashboard_host,
+                           include_dashboard=dashboard, dashboard_host=dashboard_host,
                            log_to_driver=not quiet, logging_level="WARNING")
     except ConnectionError as err:
         raise RaysweepError(f"cannot reach the Ray cluster at --address {address}: {err}") from None
