@@ -16,7 +16,7 @@ help:
 	@echo "make test-e2e     the end-to-end Ray runs marked slow: resume, killed driver, DDP, stock Ray (~15 min)"
 	@echo "make test-all     both tiers in one pytest run"
 	@echo "make demo         an 8-trial sweep on the vendored CIFAR-10 photos (~3 min on 2 cores: README, Configs), then the scaling analysis"
-	@echo "make demo-width   the joint law over data and width: 24 trials on the same photos (~10 min on 2 cores), then the analysis"
+	@echo "make demo-width   the joint law over data and width: 24 trials on the same photos (~9 min on 2 cores, no dashboard), then the analysis"
 	@echo "make bench        decode, training-loop and Ray-overhead benchmarks (ratios measured side by side)"
 	@echo "make test-multihost  sweeps on a Ray cluster of network-namespace hosts (root, iproute2; ~3 min)"
 	@echo "make test-docker  container tests through the Docker SDK (starts dockerd if it can)"
